@@ -1,0 +1,272 @@
+"""``cnn-mellin optim [--study-name NAME] DB_URL init|run|important|best|status|report``."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from cnn_mellin.config import write_text_atomic
+
+_URL_HELP = (
+    "the study database: postgresql+psycopg2://USER@HOST/DB, mysql+pymysql://USER@HOST/DB "
+    "(?read_default_file=~/.my.cnf works), sqlite:///PATH, a journal file path for the "
+    "embedded one-machine store, or 'default' (exp/optim/studies.journal)"
+)
+
+
+def _int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+    return value
+
+
+def register(commands) -> None:
+    parser = commands.add_parser(
+        "optim", help="hyperparameter search on a shared Optuna study",
+        description="Create a study, run workers on it, and read its results. Studies are "
+        "ordinary Optuna studies: 'optuna trials --study-name NAME --storage URL' works.",
+    )
+    parser.add_argument(
+        "--study-name", default=None, metavar="NAME",
+        help="study to use (init default: <stem of the last --read-ini>-<feature>, e.g. "
+        "model-mcorr-sm-fbank-81-10ms; other commands: the only study in DB_URL)",
+    )
+    parser.add_argument("db_url", metavar="DB_URL", help=_URL_HELP)
+    actions = parser.add_subparsers(dest="action", metavar="ACTION", required=True)
+    _register_init(actions)
+    _register_run(actions)
+    _register_important(actions)
+    _register_best(actions)
+    status = actions.add_parser(
+        "status", help="progress against the budget, best trial, running trials, failures",
+    )
+    status.add_argument("--json", action="store_true", help="print JSON instead of text")
+    status.set_defaults(func=run_status, needs_device=False)
+    report = actions.add_parser(
+        "report", help="plots (HTML) and trials.csv into OUT_DIR",
+        description="Write trials.csv and plots as HTML pages (history, timeline, slice, "
+        "parallel coordinates, EDF, importance, intermediate values) into OUT_DIR. No PNG: "
+        "that would need kaleido, which is not a dependency of cnn-mellin.",
+    )
+    report.add_argument("out_dir", metavar="OUT_DIR")
+    report.set_defaults(func=run_report, needs_device=False)
+
+
+def _register_init(actions) -> None:
+    from cnn_mellin.optim.defaults import (
+        DEFAULT_DEV_PROPORTION,
+        DEFAULT_HEARTBEAT_S,
+        DEFAULT_MAX_RETRIES,
+        DEFAULT_NUM_TRIALS,
+        PRUNERS,
+    )
+    from cnn_mellin.tasks import PLANNED, task_names
+
+    init = actions.add_parser(
+        "init", help="create the study (validated; same arguments again: no-op)",
+        description="Validate the data and the search space, then create the study with its "
+        "base configuration (from the global --read-ini), searched parameters, budget and "
+        "limits. Parameters that cannot matter given the base configuration are dropped with "
+        "a warning. Re-running with the same arguments does nothing; with different ones it "
+        "is an error.",
+    )
+    init.add_argument("data_dir", metavar="DATA_DIR", help="training data (a folder with "
+                      "feats.h5); the dev part is split off it by --dev-proportion")
+    which = init.add_mutually_exclusive_group()
+    which.add_argument("--blacklist", nargs="+", default=[], metavar="RE",
+                       help="do not search parameters whose full name matches one of these")
+    which.add_argument("--whitelist", nargs="+", default=None, metavar="RE",
+                       help="search only parameters whose full name matches one of these")
+    init.add_argument("--num-data-workers", type=_int, default=0, metavar="N",
+                      help="data-loader processes per trial (default 0)")
+    init.add_argument("--mem-limit-bytes", type=_int, default=None, metavar="N",
+                      help="device memory one trial may use; larger configurations are pruned "
+                      "before training (default: no limit)")
+    init.add_argument("--num-trials", type=_int, default=DEFAULT_NUM_TRIALS,
+                      metavar="N", help="trials in COMPLETE or PRUNED the study ends with "
+                      f"(default {DEFAULT_NUM_TRIALS})")
+    init.add_argument("--pruner", choices=PRUNERS, default="hyperband",
+                      help="early stopping of poor trials (default hyperband)")
+    init.add_argument("--task", default="asr", metavar="TASK",
+                      help=f"what a trial does: {', '.join(task_names())} (planned: "
+                      f"{', '.join(PLANNED)}), or module:Class (default asr)")
+    init.add_argument("--dev-proportion", type=float, default=DEFAULT_DEV_PROPORTION, metavar="P",
+                      help="share of DATA_DIR held out for the dev error, split by speaker "
+                      "when utterance ids carry one (default %(default)s)")
+    init.add_argument("--checkpoint-dir", default=None, metavar="DIR",
+                      help="where trials keep epoch checkpoints for resuming after a worker "
+                      "dies (default exp/optim/checkpoints/NAME)")
+    init.add_argument("--heartbeat-interval", type=float, default=DEFAULT_HEARTBEAT_S,
+                      metavar="S", help=f"seconds between worker heartbeats (default "
+                      f"{DEFAULT_HEARTBEAT_S:g})")
+    init.add_argument("--heartbeat-grace", type=float, default=None, metavar="S",
+                      help="seconds without a heartbeat before a worker counts as dead "
+                      "(default 3 intervals)")
+    init.add_argument("--max-retries", type=_int, default=DEFAULT_MAX_RETRIES, metavar="N",
+                      help="retries of a trial whose worker died (default %(default)s)")
+    init.set_defaults(func=run_init, needs_device=False)
+
+
+def _register_run(actions) -> None:
+    from cnn_mellin.optim.defaults import SAMPLERS
+
+    run = actions.add_parser(
+        "run", help="run a worker (or --workers K) until the study's budget is done",
+        description="Pull trials from the study until it has its number of trials in "
+        "COMPLETE or PRUNED, counted across all workers. Trials of workers that die are "
+        "failed and retried from their last epoch checkpoint. SIGTERM/SIGINT re-enqueue the "
+        "running trial before exiting.",
+    )
+    run.add_argument("--sampler", choices=SAMPLERS, default="random",
+                     help="how parameters are chosen (default random)")
+    run.add_argument("--workers", type=_int, default=1, metavar="K",
+                     help="worker processes to start here (default 1); with --device cuda "
+                     "and several GPUs they are spread over them")
+    run.add_argument("--max-trials", type=_int, default=None, metavar="N",
+                     help="stop each worker after N trials (default: until the budget is done)")
+    run.set_defaults(func=run_run, needs_device=True)
+
+
+def _register_important(actions) -> None:
+    from cnn_mellin.optim.defaults import EVALUATORS
+
+    important = actions.add_parser(
+        "important", help="searched parameters by importance, one per line",
+        description="Rank the searched parameters by importance over completed trials "
+        "(fANOVA by default, fixed seed: the same study gives the same output) and write "
+        "their names, one per line, most important first.",
+    )
+    which = important.add_mutually_exclusive_group()
+    which.add_argument("--top-k", type=_int, default=None, metavar="K",
+                       help="keep the K most important")
+    which.add_argument("--threshold", type=float, default=None, metavar="X",
+                       help="keep those with normalised importance >= X")
+    important.add_argument("--evaluator", choices=EVALUATORS, default="fanova",
+                           help="importance evaluator (default fanova)")
+    important.add_argument("out", nargs="?", default="-", metavar="OUT",
+                           help="output file, or - for standard output (default)")
+    important.set_defaults(func=run_important, needs_device=False)
+
+
+def _register_best(actions) -> None:
+    best = actions.add_parser(
+        "best", help="the best configuration as an .ini",
+        description="Write the best trial's full configuration as an .ini readable by "
+        "--read-ini; with --independent, each searched parameter's value with the lowest "
+        "median error, repaired into a valid combination.",
+    )
+    best.add_argument("--independent", action="store_true",
+                      help="choose each searched parameter on its own (lowest median error)")
+    best.add_argument("out", nargs="?", default="-", metavar="OUT.ini",
+                      help="output file, or - for standard output (default)")
+    best.set_defaults(func=run_best, needs_device=False)
+
+
+def _emit(text: str, out: str) -> None:
+    if out == "-":
+        sys.stdout.write(text)
+        sys.stdout.flush()
+        return
+    path = Path(out)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    write_text_atomic(path, text)
+
+
+def _quiet_optuna(args) -> None:
+    """Optuna's own INFO lines ("A new study created ...") only with --verbose."""
+    import optuna
+
+    optuna.logging.set_verbosity(optuna.logging.DEBUG if args.verbose else optuna.logging.WARNING)
+
+
+def _open(args):
+    from cnn_mellin.optim.storage import load_study, open_storage
+    from cnn_mellin.optim.study import read_settings
+
+    _quiet_optuna(args)
+    study = load_study(open_storage(args.db_url), args.study_name, args.db_url)
+    return study, read_settings(study)
+
+
+def run_init(args, config) -> int:
+    from cnn_mellin.optim.storage import display_url
+    from cnn_mellin.optim.study import build_settings, default_study_name, init_study
+
+    _quiet_optuna(args)
+    name = args.study_name or default_study_name(args.data_dir, args.read_ini, args.task)
+    settings = build_settings(
+        config, args.data_dir, task=args.task, whitelist=args.whitelist,
+        blacklist=args.blacklist, num_trials=args.num_trials,
+        mem_limit_bytes=args.mem_limit_bytes, pruner=args.pruner,
+        num_data_workers=args.num_data_workers, dev_proportion=args.dev_proportion,
+        checkpoint_dir=args.checkpoint_dir or Path("exp/optim/checkpoints") / name,
+        heartbeat_interval=args.heartbeat_interval, heartbeat_grace=args.heartbeat_grace,
+        max_retries=args.max_retries,
+    )
+    result = init_study(args.db_url, name, settings)
+    where = display_url(args.db_url)
+    if result.created:
+        sys.stdout.write(
+            f"created study {name} in {where}: {settings.num_trials} trials, searching "
+            f"{len(settings.searched)} parameters\n"
+        )
+    else:
+        sys.stdout.write(f"study {name} in {where} already has these settings; nothing to do\n")
+    return 0
+
+
+def run_run(args, config) -> int:
+    from cnn_mellin.optim.worker import run_worker, run_workers
+
+    _quiet_optuna(args)
+    if args.workers > 1:
+        return run_workers(
+            args.workers, args.db_url, args.study_name, device=args.device,
+            sampler=args.sampler, seed=args.seed, max_trials=args.max_trials,
+            verbose=args.verbose,
+        )
+    summary = run_worker(
+        args.db_url, args.study_name, device=args.device, sampler=args.sampler,
+        seed=args.seed, max_trials=args.max_trials,
+    )
+    return summary.exit_code
+
+
+def run_important(args, config) -> int:
+    from cnn_mellin.optim.importance import important_text
+
+    study, settings = _open(args)
+    _emit(important_text(study, settings, top_k=args.top_k, threshold=args.threshold,
+                         evaluator=args.evaluator), args.out)
+    return 0
+
+
+def run_best(args, config) -> int:
+    from cnn_mellin.optim.best import best_text
+    from cnn_mellin.tasks import get_task
+
+    study, settings = _open(args)
+    task = get_task(settings.task)(settings.task_info)
+    _emit(best_text(study, settings, task, independent=args.independent), args.out)
+    return 0
+
+
+def run_status(args, config) -> int:
+    from cnn_mellin.optim.status import format_status, status_json, study_status
+
+    study, settings = _open(args)
+    status = study_status(study, settings)
+    sys.stdout.write(status_json(status) if args.json else format_status(status))
+    return 0
+
+
+def run_report(args, config) -> int:
+    from cnn_mellin.optim.report import write_report
+
+    study, settings = _open(args)
+    for path in write_report(study, settings, args.out_dir):
+        sys.stdout.write(f"{path}\n")
+    return 0

@@ -1,0 +1,105 @@
+"""``optim best``: the best configuration of a study as ``.ini`` text.
+
+Either the best trial's full configuration (base + its parameters), or with
+``independent=True`` each searched parameter's value with the lowest median error
+over completed trials, judged one parameter at a time and then repaired by the task
+into a valid combination.
+"""
+
+from __future__ import annotations
+
+import math
+import statistics
+from collections import defaultdict
+from typing import Any
+
+import optuna
+from optuna.distributions import CategoricalDistribution
+from optuna.trial import FrozenTrial, TrialState
+
+from cnn_mellin.config import Config
+from cnn_mellin.errors import UserError
+from cnn_mellin.optim import space
+from cnn_mellin.optim.study import StudySettings
+from cnn_mellin.tasks import Task
+
+MAX_GROUPS = 8  # at most this many distinct values: compare values themselves
+NUM_BINS = 5  # otherwise: compare this many equal-count ranges of values
+
+
+def _completed(study: optuna.Study) -> list[FrozenTrial]:
+    trials = [
+        t for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
+        if t.value is not None and math.isfinite(t.value)
+    ]
+    if not trials:
+        raise UserError(f"study {study.study_name!r} has no completed trial yet")
+    return trials
+
+
+def best_trial(study: optuna.Study) -> FrozenTrial:
+    """The completed trial with the lowest value (lowest number on ties)."""
+    return min(_completed(study), key=lambda t: (t.value, t.number))
+
+
+def trial_config(settings: StudySettings, trial: FrozenTrial) -> Config:
+    """The full configuration a trial ran with."""
+    return settings.config().replace(trial.params)
+
+
+def lowest_median_value(pairs: list[tuple[Any, float]], categorical: bool) -> Any:
+    """The parameter value whose trials have the lowest median error.
+
+    ``pairs`` are (value, error). Few distinct values (or categorical ones) are compared
+    directly; many are split into equal-count ranges, and the winning range gives its
+    median value (an observed one).
+    """
+    distinct = {value for value, _ in pairs}
+    groups: dict[int, list[tuple[Any, float]]] = defaultdict(list)
+    if categorical or len(distinct) <= MAX_GROUPS:
+        order = {value: i for i, value in enumerate(
+            sorted(distinct, key=lambda v: (str(type(v)), v)))}
+        for value, error in pairs:
+            groups[order[value]].append((value, error))
+    else:
+        ordered = sorted(pairs, key=lambda pair: pair[0])
+        for i, pair in enumerate(ordered):
+            groups[i * NUM_BINS // len(ordered)].append(pair)
+    key = min(
+        groups,
+        key=lambda g: (statistics.median(e for _, e in groups[g]), -len(groups[g]), g),
+    )
+    values = sorted(value for value, _ in groups[key])
+    return values[(len(values) - 1) // 2]
+
+
+def independent_config(study: optuna.Study, settings: StudySettings, task: Task) -> Config:
+    """Each searched parameter's lowest-median-error value, repaired into a valid config."""
+    trials = _completed(study)
+    dists = space.distributions(settings.searched)
+    chosen: dict[str, Any] = {}
+    for name in settings.searched:
+        pairs = [(t.params[name], t.value) for t in trials if name in t.params]
+        if pairs:
+            categorical = isinstance(dists[name], CategoricalDistribution)
+            chosen[name] = lowest_median_value(pairs, categorical)
+    config = task.repair(settings.config().replace(chosen))
+    task.check(config)
+    return config
+
+
+def best_text(
+    study: optuna.Study, settings: StudySettings, task: Task, independent: bool = False
+) -> str:
+    """The ``best`` output: a full ``.ini`` (readable with ``--read-ini``)."""
+    if independent:
+        config = independent_config(study, settings, task)
+        header = (
+            f"# study {study.study_name}: each searched parameter's value with the lowest "
+            "median error, repaired into a valid combination\n"
+        )
+    else:
+        trial = best_trial(study)
+        config = trial_config(settings, trial)
+        header = f"# study {study.study_name}: best trial {trial.number}, value {trial.value!r}\n"
+    return header + config.to_ini()

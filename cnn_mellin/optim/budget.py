@@ -1,0 +1,261 @@
+"""The exact trial budget, shared by any number of workers.
+
+``init`` creates the budget's ``num_trials`` trials up front as WAITING trials with no
+fixed parameters (Optuna's enqueue mechanism; the sampler fills them in when a worker
+pops one). A worker claims a trial with the storage's own atomic WAITING → RUNNING
+transition, so two workers never get the same one and no worker ever creates a trial
+beyond the budget. Every trial ends COMPLETE, PRUNED or FAIL; each FAIL is replaced by
+exactly one new WAITING trial (a retry with the same parameters that resumes from the
+failed trial's checkpoints, or fresh parameters after an error), so the number of
+trials that are WAITING, RUNNING, COMPLETE or PRUNED never exceeds ``num_trials`` and
+the study ends with exactly ``num_trials`` in COMPLETE or PRUNED.
+
+The one non-atomic step, FAIL then enqueue, is repaired by :class:`Reconciler` if a
+worker dies in between; if two workers both repair the same FAIL, the replacement
+with the higher trial id is recognised when claimed and dropped (:func:`is_duplicate`).
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import optuna
+from optuna.exceptions import StorageInternalError, UpdateFinishedTrialError
+from optuna.trial import FrozenTrial, TrialState
+
+_log = logging.getLogger("cnn_mellin.optim")
+
+# user attributes of replacement trials
+REPLACES = "replaces"
+RETRY_OF = "retry_of"
+RETRY_COUNT = "retry_count"
+REPLACE_REASON = "replace_reason"
+# user attributes of failed trials
+FAIL_REASON = "fail_reason"
+FAIL_KIND = "fail_kind"  # "dead" | "interrupted" | "error" | "duplicate"
+DUPLICATE_OF = "duplicate_of"
+
+LIVE_STATES = (TrialState.WAITING, TrialState.RUNNING, TrialState.COMPLETE, TrialState.PRUNED)
+
+
+@dataclass(frozen=True)
+class Counts:
+    """Trials per state and the budget they count against."""
+
+    waiting: int
+    running: int
+    complete: int
+    pruned: int
+    fail: int
+    budget: int
+
+    @property
+    def done(self) -> int:
+        return self.complete + self.pruned
+
+    @property
+    def live(self) -> int:
+        return self.waiting + self.running + self.complete + self.pruned
+
+
+def count(trials: Sequence[FrozenTrial], budget: int) -> Counts:
+    """Count ``trials`` by state."""
+    by_state = {state: 0 for state in TrialState}
+    for trial in trials:
+        by_state[trial.state] += 1
+    return Counts(
+        by_state[TrialState.WAITING], by_state[TrialState.RUNNING],
+        by_state[TrialState.COMPLETE], by_state[TrialState.PRUNED], by_state[TrialState.FAIL],
+        budget,
+    )
+
+
+def trials_in(study: optuna.Study, states: tuple[TrialState, ...]) -> list[FrozenTrial]:
+    """The study's trials in ``states``, filtered by the database itself.
+
+    Optuna's caching wrapper of SQL storages re-reads every unfinished trial on each
+    listing, which with a budget of WAITING trials is the whole budget; asking the
+    underlying storage filters in SQL instead.
+    """
+    storage = study._storage
+    if isinstance(storage, optuna.storages._CachedStorage):
+        storage = storage._backend
+    return storage.get_all_trials(study._study_id, deepcopy=False, states=states)
+
+
+def create_slots(
+    study: optuna.Study, num_trials: int, first_params: dict | None = None
+) -> int:
+    """Enqueue WAITING trials until the study has ``num_trials`` trials; returns how many.
+
+    In a study without trials, the first slot gets ``first_params`` (the base
+    configuration's values), so a stage started from an earlier stage's ``.ini`` tries
+    that configuration first.
+    """
+    existing = len(study.get_trials(deepcopy=False))
+    missing = max(0, num_trials - existing)
+    for i in range(missing):
+        study.enqueue_trial(first_params if i == 0 and existing == 0 and first_params else {})
+    return missing
+
+
+def root_number(trial: FrozenTrial) -> int:
+    """The number of the first trial in a chain of retries (names its checkpoint folder)."""
+    return int(trial.user_attrs.get(RETRY_OF, trial.number))
+
+
+def replace(
+    study: optuna.Study, failed: FrozenTrial, kind: str, reason: str, max_retries: int
+) -> None:
+    """Enqueue the one replacement of a trial that has just been failed by this process.
+
+    ``kind`` ``dead`` (worker died) and ``interrupted`` (worker stopped by a signal) give
+    a retry with the same parameters and checkpoint folder; ``dead`` counts against
+    ``max_retries``. ``error`` (or retries used up) gives fresh parameters.
+    """
+    attrs: dict = {REPLACES: failed.number, REPLACE_REASON: reason}
+    params: dict = {}
+    retries = int(failed.user_attrs.get(RETRY_COUNT, 0)) + (1 if kind == "dead" else 0)
+    if kind in ("dead", "interrupted") and retries <= max_retries:
+        params = dict(failed.params)
+        attrs[RETRY_OF] = root_number(failed)
+        attrs[RETRY_COUNT] = retries
+    study.enqueue_trial(params, user_attrs=attrs)
+    _log.info(
+        "trial %d failed (%s); %s", failed.number, reason,
+        f"retry enqueued (retry {retries} of trial {attrs[RETRY_OF]})" if params
+        else "replaced by a fresh trial",
+    )
+
+
+def fail_and_replace(
+    study: optuna.Study, trial: FrozenTrial, kind: str, reason: str, max_retries: int
+) -> bool:
+    """Record why, mark ``trial`` FAIL and enqueue its replacement; False if it had finished.
+
+    Only the process whose FAIL transition succeeds enqueues, so concurrent reapers of
+    one dead trial create a single replacement.
+    """
+    storage = study._storage
+    try:
+        storage.set_trial_user_attr(trial._trial_id, FAIL_REASON, reason)
+        storage.set_trial_user_attr(trial._trial_id, FAIL_KIND, kind)
+        if not storage.set_trial_state_values(trial._trial_id, TrialState.FAIL):
+            return False
+    except UpdateFinishedTrialError:
+        return False
+    replace(study, storage.get_trial(trial._trial_id), kind, reason, max_retries)
+    return True
+
+
+def is_duplicate(trial: FrozenTrial, trials: Sequence[FrozenTrial]) -> FrozenTrial | None:
+    """The earlier replacement of the same failed trial, if ``trial`` duplicates one."""
+    target = trial.user_attrs.get(REPLACES)
+    if target is None:
+        return None
+    for other in trials:
+        if other._trial_id < trial._trial_id and other.user_attrs.get(REPLACES) == target:
+            if other.user_attrs.get(FAIL_KIND) != "duplicate":
+                return other
+    return None
+
+
+class Reconciler:
+    """Replaces FAIL trials that have no replacement because their reaper died.
+
+    Acts only while fewer than ``num_trials`` trials are live, and only on orphans this
+    process has seen for ``settle_s`` seconds of its own clock (so a reaper that is merely
+    slow is not raced, and the clocks of other hosts do not matter).
+    """
+
+    def __init__(self, study: optuna.Study, num_trials: int, settle_s: float, max_retries: int):
+        self._study = study
+        self._num_trials = num_trials
+        self._settle_s = settle_s
+        self._max_retries = max_retries
+        self._seen: dict[int, float] = {}
+
+    def __call__(self) -> int:
+        """One look; returns how many replacements were enqueued."""
+        trials = self._study.get_trials(deepcopy=False)
+        deficit = self._num_trials - count(trials, self._num_trials).live
+        if deficit <= 0:
+            self._seen.clear()
+            return 0
+        replaced = {t.user_attrs.get(REPLACES) for t in trials if REPLACES in t.user_attrs}
+        orphans = [
+            t for t in trials
+            if t.state == TrialState.FAIL and t.number not in replaced
+            and t.user_attrs.get(FAIL_KIND) != "duplicate"
+        ]
+        now = time.monotonic()
+        self._seen = {t.number: self._seen.get(t.number, now) for t in orphans}
+        settled = [t for t in orphans if now - self._seen[t.number] >= self._settle_s]
+        for trial in settled[:deficit]:
+            kind = trial.user_attrs.get(FAIL_KIND, "dead")
+            reason = trial.user_attrs.get(FAIL_REASON, "failed outside cnn-mellin")
+            replace(self._study, trial, kind, reason, self._max_retries)
+        return min(len(settled), deficit)
+
+
+class SlotClaimer:
+    """Claims WAITING trials for one worker, retries first, from a periodically refreshed list.
+
+    Listing the WAITING trials costs a query over all of them, so the list is kept and
+    refreshed when it runs out or is older than ``refresh_s``; a stale entry costs one
+    failed claim. Fresh trials are tried in a per-worker random order so that workers
+    rarely compete for the same one.
+    """
+
+    def __init__(self, study: optuna.Study, refresh_s: float, seed: int | None = None):
+        self._study = study
+        self._refresh_s = refresh_s
+        self._queue: list[FrozenTrial] = []
+        self._fetched = -float("inf")
+        self._rng = random.Random(seed)
+
+    def _refresh(self) -> None:
+        # through Optuna's cache (not trials_in): trials must be known to it to be suggested
+        waiting = self._study._storage.get_all_trials(
+            self._study._study_id, deepcopy=False, states=(TrialState.WAITING,)
+        )
+        retries = sorted((t for t in waiting if RETRY_OF in t.user_attrs), key=lambda t: t.number)
+        fresh = [t for t in waiting if RETRY_OF not in t.user_attrs]
+        self._rng.shuffle(fresh)
+        self._queue = retries + fresh
+        self._fetched = time.monotonic()
+
+    def invalidate(self) -> None:
+        """Re-read the WAITING trials at the next claim (e.g. a retry was just enqueued)."""
+        self._fetched = -float("inf")
+
+    def claim(self) -> FrozenTrial | None:
+        """Atomically take one WAITING trial (now RUNNING and ours), or None if none is left."""
+        refreshed = False
+        if not self._queue or time.monotonic() - self._fetched > self._refresh_s:
+            self._refresh()
+            refreshed = True
+        while True:
+            # a second taken entry in a row means the list has gone stale: re-read it
+            trial = self._pop(max_misses=None if refreshed else 2)
+            if trial is not None or refreshed:
+                return trial
+            self._refresh()
+            refreshed = True
+
+    def _pop(self, max_misses: int | None) -> FrozenTrial | None:
+        storage = self._study._storage
+        misses = 0
+        while self._queue and (max_misses is None or misses < max_misses):
+            trial = self._queue.pop(0)
+            try:
+                if storage.set_trial_state_values(trial._trial_id, TrialState.RUNNING):
+                    return trial
+            except (UpdateFinishedTrialError, StorageInternalError):
+                pass  # taken and finished meanwhile; or SQLite lock contention
+            misses += 1
+        return None

@@ -1,0 +1,9 @@
+"""Names and defaults of the optim options (kept free of heavy imports for the CLI)."""
+
+PRUNERS = ("hyperband", "median", "none")
+SAMPLERS = ("random", "tpe", "gp")
+EVALUATORS = ("fanova", "mdi", "ped-anova")
+DEFAULT_NUM_TRIALS = 128
+DEFAULT_HEARTBEAT_S = 10.0
+DEFAULT_DEV_PROPORTION = 0.1
+DEFAULT_MAX_RETRIES = 2

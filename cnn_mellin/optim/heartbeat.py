@@ -1,0 +1,228 @@
+"""Noticing dead workers on any storage: identities, heartbeats and the reaper.
+
+Each RUNNING trial carries its worker's identity (user attribute ``worker``: host,
+device, pid, process start time, boot id, pid namespace) and a heartbeat timestamp
+(system attribute), which a background thread of the worker refreshes every
+``heartbeat_interval`` seconds. This
+works the same on the SQL databases and on the journal file (which has no heartbeat of
+its own). Another worker declares a trial's worker dead when
+
+- the worker ran on the same machine and its process is gone (seen at once), or
+- the trial's heartbeat has not changed for ``heartbeat_grace`` seconds of the
+  observer's own clock (so clocks of different hosts never need to agree).
+
+The dead worker's trial is then failed and its retry enqueued (:mod:`budget`).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import optuna
+from optuna.exceptions import UpdateFinishedTrialError
+from optuna.trial import FrozenTrial, TrialState
+
+from cnn_mellin.optim import budget
+
+_log = logging.getLogger("cnn_mellin.optim")
+
+WORKER_ATTR = "worker"  # user attribute: host, device, pid, ... of the worker
+BEAT_KEY = "cnn_mellin:heartbeat"
+
+
+def _read(path: str) -> str:
+    try:
+        return Path(path).read_text().strip()
+    except OSError:
+        return ""
+
+
+def _proc_stat(pid: int) -> tuple[str, str] | None:
+    """(state, start time in clock ticks) of a process from /proc, or None if it is gone."""
+    text = _read(f"/proc/{pid}/stat")
+    if not text:
+        return None
+    fields = text.rsplit(")", 1)[-1].split()
+    return fields[0], fields[19]
+
+
+@dataclass(frozen=True)
+class WorkerIdentity:
+    """Who runs a trial: enough to tell, on the same machine, whether it still lives."""
+
+    host: str
+    pid: int
+    start: str
+    boot: str
+    pidns: str
+    device: str = ""
+
+    @classmethod
+    def current(cls, device: str = "") -> WorkerIdentity:
+        pid = os.getpid()
+        stat = _proc_stat(pid)
+        try:
+            pidns = str(os.stat("/proc/self/ns/pid").st_ino)
+        except OSError:
+            pidns = ""
+        return cls(
+            socket.gethostname(), pid, stat[1] if stat else "",
+            _read("/proc/sys/kernel/random/boot_id"), pidns, device,
+        )
+
+    def to_attr(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_attr(cls, attr) -> WorkerIdentity | None:
+        if not isinstance(attr, dict):
+            return None
+        try:
+            return cls(**attr)
+        except TypeError:
+            return None
+
+    def same_process(self, other: WorkerIdentity) -> bool:
+        return self.same_machine(other) and (self.pid, self.start) == (other.pid, other.start)
+
+    def same_machine(self, other: WorkerIdentity) -> bool:
+        return (self.host, self.boot, self.pidns) == (other.host, other.boot, other.pidns)
+
+    def alive(self) -> bool:
+        """Whether this process still runs (call only on the same machine)."""
+        stat = _proc_stat(self.pid)
+        if stat is not None:
+            state, start = stat
+            return state not in ("Z", "X") and (not self.start or start == self.start)
+        try:
+            os.kill(self.pid, 0)
+        except ProcessLookupError:
+            return False
+        except PermissionError:
+            return True
+        return not Path("/proc").is_dir()  # /proc exists but has no entry: gone
+
+
+class StaleWatch:
+    """Decides which RUNNING trials of other workers are dead, from repeated observations."""
+
+    def __init__(self, me: WorkerIdentity, grace_s: float):
+        self._me = me
+        self._grace_s = grace_s
+        self._seen: dict[int, tuple[object, float]] = {}
+
+    def check(self, running: list[FrozenTrial]) -> list[tuple[FrozenTrial, str]]:
+        """The dead ones among ``running`` with the reason, as far as seen so far."""
+        now = time.monotonic()
+        stale = []
+        for trial in running:
+            ident = WorkerIdentity.from_attr(trial.user_attrs.get(WORKER_ATTR))
+            if ident is not None and ident.same_process(self._me):
+                continue
+            if ident is not None and ident.same_machine(self._me) and not ident.alive():
+                stale.append((trial, f"worker {ident.host}:{ident.pid} died"))
+                continue
+            token = (trial.system_attrs.get(BEAT_KEY), ident)
+            seen = self._seen.get(trial._trial_id)
+            if seen is None or seen[0] != token:
+                self._seen[trial._trial_id] = (token, now)
+            elif now - seen[1] > self._grace_s:
+                who = f"worker {ident.host}:{ident.pid}" if ident else "its worker"
+                stale.append((trial, f"no heartbeat from {who} for {self._grace_s:g} s"))
+        ids = {t._trial_id for t in running}
+        for trial_id in list(self._seen):
+            if trial_id not in ids:
+                del self._seen[trial_id]
+        return stale
+
+
+class Monitor:
+    """A worker's background thread: heartbeats for its trial, reaping, reconciling.
+
+    ``lost(trial_id)`` turns true when the worker's own trial was finished by someone
+    else (another worker took it for dead); the trial must then stop at once.
+    """
+
+    def __init__(
+        self, study: optuna.Study, identity: WorkerIdentity, interval_s: float,
+        grace_s: float, num_trials: int, max_retries: int,
+    ):
+        self._study = study
+        self._identity = identity
+        self._interval_s = interval_s
+        self._max_retries = max_retries
+        settle_s = 2 * grace_s + 10
+        self._reconcile = budget.Reconciler(study, num_trials, settle_s, max_retries)
+        self._reconcile_every = max(interval_s, settle_s / 4)
+        self._watch = StaleWatch(identity, grace_s)
+        self._lock = threading.Lock()
+        self._own: int | None = None
+        self._lost: set[int] = set()
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._last_reconcile = time.monotonic()
+        self.on_enqueue: Callable[[], None] | None = None  # after retries were enqueued
+
+    def start(self) -> None:
+        self._thread = threading.Thread(target=self._loop, name="cnn-mellin-monitor", daemon=True)
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout=30)
+
+    def own(self, trial_id: int) -> None:
+        """Start heartbeating ``trial_id`` (after its identity was written)."""
+        with self._lock:
+            self._own = trial_id
+
+    def release(self) -> None:
+        with self._lock:
+            self._own = None
+
+    def lost(self, trial_id: int) -> bool:
+        with self._lock:
+            return trial_id in self._lost
+
+    def _loop(self) -> None:
+        while not self._stop.wait(self._interval_s):
+            try:
+                self.beat()
+                enqueued = self.reap()
+                if time.monotonic() - self._last_reconcile > self._reconcile_every:
+                    self._last_reconcile = time.monotonic()
+                    enqueued += self._reconcile()
+                if enqueued and self.on_enqueue is not None:
+                    self.on_enqueue()
+            except Exception as err:  # a storage hiccup must not kill the worker
+                _log.warning("monitor: %s: %s", type(err).__name__, err)
+
+    def beat(self) -> None:
+        """Refresh the heartbeat of the trial this worker runs, if any."""
+        with self._lock:
+            trial_id = self._own
+        if trial_id is None:
+            return
+        try:
+            self._study._storage.set_trial_system_attr(trial_id, BEAT_KEY, time.time())
+        except UpdateFinishedTrialError:
+            with self._lock:
+                if self._own == trial_id:
+                    self._lost.add(trial_id)
+
+    def reap(self) -> int:
+        """Fail the trials of dead workers and enqueue their retries; returns how many."""
+        running = budget.trials_in(self._study, (TrialState.RUNNING,))
+        reaped = 0
+        for trial, reason in self._watch.check(running):
+            if budget.fail_and_replace(self._study, trial, "dead", reason, self._max_retries):
+                reaped += 1
+        return reaped

@@ -1,0 +1,105 @@
+"""``optim status``: progress against the budget, the best trial, running trials, failures."""
+
+from __future__ import annotations
+
+import json
+import math
+from collections import Counter
+from datetime import datetime
+from typing import Any
+
+import optuna
+from optuna.trial import TrialState
+
+from cnn_mellin.optim import budget
+from cnn_mellin.optim.heartbeat import WORKER_ATTR
+from cnn_mellin.optim.study import StudySettings
+
+
+def study_status(study: optuna.Study, settings: StudySettings) -> dict[str, Any]:
+    """Everything ``status`` shows, as JSON-serialisable data."""
+    from cnn_mellin.optim import worker as w
+
+    trials = study.get_trials(deepcopy=False)
+    counts = budget.count(trials, settings.num_trials)
+    now = datetime.now()
+    completed = [
+        t for t in trials
+        if t.state == TrialState.COMPLETE and t.value is not None and math.isfinite(t.value)
+    ]
+    best = min(completed, key=lambda t: (t.value, t.number)) if completed else None
+    running = []
+    for t in trials:
+        if t.state != TrialState.RUNNING:
+            continue
+        ident = t.user_attrs.get(WORKER_ATTR) or {}
+        running.append({
+            "number": t.number,
+            "age_s": round((now - t.datetime_start).total_seconds(), 1)
+            if t.datetime_start else None,
+            "host": ident.get("host"), "pid": ident.get("pid"), "device": ident.get("device"),
+            "epochs_reported": len(t.intermediate_values),
+            "retry_of": t.user_attrs.get(budget.RETRY_OF),
+        })
+    failures = [
+        {"number": t.number, "kind": t.user_attrs.get(budget.FAIL_KIND),
+         "reason": t.user_attrs.get(budget.FAIL_REASON, "unknown")}
+        for t in trials if t.state == TrialState.FAIL
+    ]
+    pruned = [
+        {"number": t.number, "kind": t.user_attrs.get(w.PRUNE_KIND),
+         "reason": t.user_attrs.get(w.PRUNE_REASON, "unknown")}
+        for t in trials if t.state == TrialState.PRUNED
+    ]
+    return {
+        "study": study.study_name,
+        "task": settings.task,
+        "budget": settings.num_trials,
+        "counts": {
+            "complete": counts.complete, "pruned": counts.pruned, "running": counts.running,
+            "waiting": counts.waiting, "fail": counts.fail, "done": counts.done,
+        },
+        "best": None if best is None else {
+            "number": best.number, "value": best.value, "params": best.params,
+        },
+        "running": running,
+        "failures": failures,
+        "pruned": pruned,
+        "prune_kinds": dict(sorted(Counter(p["kind"] or "unknown" for p in pruned).items())),
+    }
+
+
+def format_status(status: dict[str, Any]) -> str:
+    """Human-readable ``status``."""
+    c = status["counts"]
+    lines = [
+        f"study {status['study']} (task {status['task']}): {c['done']}/{status['budget']} done "
+        f"({c['complete']} complete, {c['pruned']} pruned), {c['running']} running, "
+        f"{c['waiting']} waiting, {c['fail']} failed",
+    ]
+    best = status["best"]
+    if best is None:
+        lines.append("best: none yet")
+    else:
+        lines.append(f"best: trial {best['number']}, value {best['value']:.6g}")
+        lines.extend(f"  {name} = {value}" for name, value in best["params"].items())
+    if status["running"]:
+        lines.append("running:")
+        for r in status["running"]:
+            age = "?" if r["age_s"] is None else f"{r['age_s']:.0f} s"
+            where = f"{r['host']}:{r['pid']} {r['device'] or ''}".strip() if r["host"] else "?"
+            retry = f", retry of {r['retry_of']}" if r["retry_of"] is not None else ""
+            lines.append(f"  trial {r['number']}: {age} on {where}, "
+                         f"{r['epochs_reported']} epochs reported{retry}")
+    if status["failures"]:
+        lines.append("failed:")
+        lines.extend(f"  trial {f['number']}: {f['reason']}" for f in status["failures"])
+    if status["pruned"]:
+        kinds = ", ".join(f"{n} {k}" for k, n in status["prune_kinds"].items())
+        lines.append(f"pruned ({kinds}):")
+        lines.extend(f"  trial {p['number']}: {p['reason']}" for p in status["pruned"])
+    return "\n".join(lines) + "\n"
+
+
+def status_json(status: dict[str, Any]) -> str:
+    return json.dumps(status, indent=2, sort_keys=False, default=str) + "\n"

@@ -1,0 +1,237 @@
+"""``DB_URL`` → Optuna storage: shared SQL databases or the embedded journal file.
+
+Accepted URLs:
+
+- ``postgresql+psycopg2://...``, ``mysql+pymysql://...`` (``?read_default_file=~/.my.cnf``
+  works), ``mariadb+pymysql://...``, ``sqlite:///PATH``: Optuna's ``RDBStorage`` with a
+  liveness check on every connection checkout (dropped or idle-killed connections are
+  replaced instead of failing the next query). SQLite transactions start with
+  ``BEGIN IMMEDIATE`` and wait up to a minute for the file lock, so several workers do
+  not deadlock or report "database is locked".
+- A file path (anything without ``://``), or the literal ``default`` meaning
+  :data:`DEFAULT_JOURNAL`: Optuna's ``JournalStorage`` on a ``JournalFileBackend``, the
+  embedded store for one machine. The same path works as ``optuna ... --storage PATH``.
+
+Passwords are never shown: :func:`display_url` is what messages use.
+"""
+
+from __future__ import annotations
+
+import os
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+
+import optuna
+from optuna.storages import BaseStorage
+
+from cnn_mellin.errors import UserError
+
+DEFAULT_JOURNAL = Path("exp") / "optim" / "studies.journal"
+_RDB_DIALECTS = ("postgresql", "mysql", "mariadb", "sqlite")
+_ALLOWED = (
+    "postgresql+psycopg2://USER@HOST/DB, mysql+pymysql://USER@HOST/DB "
+    "(or mysql+pymysql:///DB?read_default_file=~/.my.cnf), sqlite:///PATH, "
+    "a journal file path, or 'default'"
+)
+_SQLITE_LOCK_TIMEOUT_S = 60
+
+
+class StorageError(UserError):
+    """The database cannot be used: bad URL, unreachable server, no studies there."""
+
+
+@dataclass(frozen=True)
+class StorageSpec:
+    """A parsed ``DB_URL``: ``kind`` is ``"rdb"`` or ``"journal"``."""
+
+    url: str
+    kind: str
+    display: str
+    path: Path | None = None
+
+
+def display_url(db_url: str) -> str:
+    """``db_url`` with any password replaced by ``***``."""
+    if "://" not in db_url:
+        return db_url
+    try:
+        from sqlalchemy.engine import make_url
+
+        return make_url(db_url).render_as_string(hide_password=True)
+    except Exception:  # unparsable: hide everything between "//" and "@"
+        scheme, _, rest = db_url.partition("://")
+        if "@" in rest:
+            rest = "***@" + rest.split("@", 1)[1]
+        return f"{scheme}://{rest}"
+
+
+def parse_url(db_url: str) -> StorageSpec:
+    """Check ``db_url`` and say what kind of storage it names; raises StorageError."""
+    if not db_url or not db_url.strip():
+        raise StorageError(f"empty database URL; allowed: {_ALLOWED}")
+    if "://" not in db_url:
+        path = DEFAULT_JOURNAL if db_url == "default" else Path(db_url).expanduser()
+        if path.is_dir():
+            raise StorageError(f"{db_url} is a directory, not a journal file; allowed: {_ALLOWED}")
+        return StorageSpec(db_url, "journal", str(path), path)
+    from sqlalchemy.engine import make_url
+    from sqlalchemy.exc import ArgumentError
+
+    try:
+        url = make_url(db_url)
+    except (ArgumentError, ValueError):
+        raise StorageError(
+            f"cannot parse database URL {display_url(db_url)}; allowed: {_ALLOWED}"
+        ) from None
+    if url.get_backend_name() not in _RDB_DIALECTS:
+        raise StorageError(
+            f"unsupported database {url.get_backend_name()!r} in {display_url(db_url)}; "
+            f"allowed: {_ALLOWED}"
+        )
+    return StorageSpec(db_url, "rdb", display_url(db_url))
+
+
+def _expand_query_paths(db_url: str) -> str:
+    """Expand ``~`` in ``read_default_file`` (pymysql reads the path as given)."""
+    from sqlalchemy.engine import make_url
+
+    url = make_url(db_url)
+    default_file = url.query.get("read_default_file")
+    if isinstance(default_file, str) and default_file.startswith("~"):
+        url = url.update_query_dict({"read_default_file": os.path.expanduser(default_file)})
+        return url.render_as_string(hide_password=False)
+    return db_url
+
+
+def _engine_kwargs(db_url: str) -> dict:
+    kwargs: dict = {"pool_pre_ping": True}
+    if db_url.startswith("sqlite"):
+        kwargs["connect_args"] = {"timeout": _SQLITE_LOCK_TIMEOUT_S}
+    else:
+        kwargs["pool_recycle"] = 1800
+    return kwargs
+
+
+def _harden_sqlite(engine) -> None:
+    """Serialise SQLite transactions with BEGIN IMMEDIATE so workers queue instead of deadlock."""
+    from sqlalchemy import event
+
+    @event.listens_for(engine, "connect")
+    def _on_connect(dbapi_connection, _record):
+        dbapi_connection.isolation_level = None  # the "begin" hook emits BEGIN itself
+        dbapi_connection.execute(f"PRAGMA busy_timeout = {_SQLITE_LOCK_TIMEOUT_S * 1000}")
+
+    @event.listens_for(engine, "begin")
+    def _on_begin(connection):
+        connection.exec_driver_sql("BEGIN IMMEDIATE")
+
+    engine.dispose()  # connections made while Optuna set up the schema lack the hooks
+
+
+def _short_reason(err: BaseException) -> str:
+    orig = getattr(err, "orig", None) or err
+    text = " ".join(str(orig).split())
+    for cut in (" (Background on this error", " [SQL:"):
+        text = text.split(cut)[0]
+    return text[:300]
+
+
+def _has_optuna_tables(db_url: str, display: str) -> bool:
+    import sqlalchemy
+
+    engine = sqlalchemy.create_engine(db_url, **_engine_kwargs(db_url))
+    try:
+        with engine.connect() as connection:
+            return sqlalchemy.inspect(connection).has_table("studies")
+    except sqlalchemy.exc.SQLAlchemyError as err:
+        raise StorageError(f"cannot connect to {display}: {_short_reason(err)}") from None
+    except ImportError as err:
+        raise StorageError(f"no database driver for {display}: {err}") from None
+    finally:
+        engine.dispose()
+
+
+def open_storage(db_url: str, create: bool = False) -> BaseStorage:
+    """Open the storage ``db_url`` names.
+
+    With ``create=False`` nothing is written: a journal file must exist and a database
+    must already hold Optuna's tables (else StorageError, "no studies there").
+    """
+    spec = parse_url(db_url)
+    if spec.kind == "journal":
+        return _open_journal(spec, create)
+    url = _expand_query_paths(db_url)
+    if not create and not _has_optuna_tables(url, spec.display):
+        raise StorageError(f"no Optuna studies in {spec.display} (run 'optim ... init' first)")
+    import sqlalchemy
+
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+            storage = optuna.storages.RDBStorage(url, engine_kwargs=_engine_kwargs(url))
+    except sqlalchemy.exc.SQLAlchemyError as err:
+        raise StorageError(f"cannot connect to {spec.display}: {_short_reason(err)}") from None
+    except (ImportError, ModuleNotFoundError) as err:
+        raise StorageError(f"no database driver for {spec.display}: {err}") from None
+    except RuntimeError as err:  # Optuna's schema-version check
+        raise StorageError(f"{spec.display}: {_short_reason(err)}") from None
+    if url.startswith("sqlite"):
+        _harden_sqlite(storage.engine)
+    return optuna.storages._CachedStorage(storage)
+
+
+def _open_journal(spec: StorageSpec, create: bool) -> BaseStorage:
+    from optuna.storages.journal import JournalFileBackend, JournalStorage
+
+    path = spec.path
+    assert path is not None
+    if not path.exists():
+        if not create:
+            raise StorageError(f"no study storage at {path} (run 'optim ... init' first)")
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+        except OSError as err:
+            raise StorageError(f"cannot create {path.parent}: {err.strerror}") from None
+    try:
+        return JournalStorage(JournalFileBackend(str(path)))
+    except OSError as err:
+        raise StorageError(f"cannot open journal {path}: {err.strerror or err}") from None
+    except (ValueError, KeyError) as err:
+        raise StorageError(f"{path} is not an Optuna journal file: {err}") from None
+
+
+def is_journal(storage: BaseStorage) -> bool:
+    """Whether ``storage`` is the embedded journal store."""
+    from optuna.storages.journal import JournalStorage
+
+    return isinstance(storage, JournalStorage)
+
+
+def study_names(storage: BaseStorage) -> list[str]:
+    """Names of the studies in ``storage``, sorted."""
+    return sorted(s.study_name for s in storage.get_all_studies())
+
+
+def load_study(storage: BaseStorage, study_name: str | None, db_url: str, **kwargs):
+    """``optuna.load_study`` with a one-line error naming the studies that do exist.
+
+    ``study_name=None`` picks the only study in the storage (an error if there are several).
+    """
+    names = study_names(storage)
+    if study_name is None:
+        if len(names) == 1:
+            study_name = names[0]
+        elif not names:
+            raise StorageError(f"no studies in {display_url(db_url)}")
+        else:
+            raise StorageError(
+                f"{display_url(db_url)} holds several studies ({', '.join(names)}); "
+                "pass --study-name"
+            )
+    if study_name not in names:
+        there = ", ".join(names) if names else "none"
+        raise StorageError(
+            f"no study named {study_name!r} in {display_url(db_url)} (studies there: {there})"
+        )
+    return optuna.load_study(study_name=study_name, storage=storage, **kwargs)

@@ -1,0 +1,342 @@
+"""Creating a study (``optim init``) and reading back what it stores.
+
+A study's user attributes hold everything a worker needs: the full base
+configuration, the searched names, the data location and train/dev split (in the
+task's info), the task, the memory limit, the budget, the pruner, the heartbeat
+timing and the software version. ``init`` validates everything before it writes;
+re-running it with the same arguments is a no-op and with different ones an error.
+The budget's trials are created at ``init`` as WAITING trials (see
+:mod:`cnn_mellin.optim.budget`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import math
+import os
+import re
+import time
+import uuid
+from collections.abc import Sequence
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+import optuna
+
+from cnn_mellin import __version__
+from cnn_mellin.config import Config
+from cnn_mellin.errors import ConfigError, UserError
+from cnn_mellin.optim import budget, space
+from cnn_mellin.optim.defaults import (
+    DEFAULT_DEV_PROPORTION,
+    DEFAULT_HEARTBEAT_S,
+    DEFAULT_MAX_RETRIES,
+    DEFAULT_NUM_TRIALS,
+    PRUNERS,
+)
+from cnn_mellin.optim.storage import display_url, open_storage, parse_url, study_names
+from cnn_mellin.tasks import get_task
+
+_log = logging.getLogger("cnn_mellin.optim")
+
+READY_KEY = "cnn_mellin:ready"
+UID_KEY = "cnn_mellin:uid"
+_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.+-]{0,127}$")
+
+
+@dataclass(frozen=True)
+class StudySettings:
+    """What ``init`` stores in a study (one user attribute per field)."""
+
+    task: str
+    base_config: dict[str, Any]
+    searched: list[str]
+    data_dir: str
+    task_info: dict[str, Any]
+    num_trials: int
+    mem_limit_bytes: int | None
+    pruner: str
+    num_data_workers: int
+    dev_proportion: float
+    checkpoint_dir: str
+    heartbeat_interval: float
+    heartbeat_grace: float
+    max_retries: int
+    dropped: dict[str, str] = field(default_factory=dict)
+    version: str = __version__
+
+    # fields a repeated init may differ in without conflict
+    _NOT_COMPARED = ("version",)
+
+    def config(self) -> Config:
+        """The base configuration as a :class:`Config`."""
+        return Config(self.base_config)
+
+    def to_attrs(self) -> dict[str, Any]:
+        """The study user attributes that store these settings."""
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_attrs(cls, attrs: dict[str, Any]) -> StudySettings:
+        """Settings read back from a study's user attributes."""
+        names = [f.name for f in dataclasses.fields(cls)]
+        missing = [n for n in names if n not in attrs and n not in ("dropped", "version")]
+        if missing:
+            raise UserError(
+                "this study was not created by 'cnn-mellin optim init' (missing: "
+                + ", ".join(missing) + ")"
+            )
+        return cls(**{n: attrs[n] for n in names if n in attrs})
+
+    def differences(self, other: StudySettings) -> list[str]:
+        """Names of the compared fields that differ, with both values shortened."""
+        diffs = []
+        for f in dataclasses.fields(self):
+            if f.name in self._NOT_COMPARED:
+                continue
+            mine, theirs = getattr(self, f.name), getattr(other, f.name)
+            if _normalise(mine) != _normalise(theirs):
+                if f.name == "base_config":
+                    keys = sorted(
+                        k for k in set(mine) | set(theirs) if mine.get(k) != theirs.get(k)
+                    )
+                    diffs.append("base configuration (" + ", ".join(keys[:5]) + ")")
+                else:
+                    diffs.append(f"{f.name} (stored {_short(mine)}, given {_short(theirs)})")
+        return diffs
+
+
+def _normalise(value: Any) -> Any:
+    """JSON round-trips turn tuples into lists; compare them alike."""
+    if isinstance(value, (list, tuple)):
+        return [_normalise(v) for v in value]
+    if isinstance(value, dict):
+        return {k: _normalise(v) for k, v in value.items()}
+    return value
+
+
+def _short(value: Any) -> str:
+    text = repr(value)
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
+@dataclass(frozen=True)
+class InitResult:
+    """The outcome of :func:`init_study`."""
+
+    study_name: str
+    created: bool
+    settings: StudySettings
+
+
+def default_study_name(data_dir: str | os.PathLike, read_ini: Sequence[str], task: str) -> str:
+    """The recipe's naming: ``<last --read-ini stem>-<feature>`` (task name if no .ini).
+
+    The feature is the data dir's parent folder for ``.../<feature>/train`` layouts.
+    """
+    path = Path(os.path.abspath(data_dir))
+    feature = path.parent.name if path.name in ("train", "dev", "test") else path.name
+    stem = Path(read_ini[-1]).stem if read_ini else task
+    if feature and not stem.endswith("-" + feature):
+        return f"{stem}-{feature}"
+    return stem
+
+
+def _check_options(
+    num_trials: int, mem_limit_bytes: int | None, pruner: str, num_data_workers: int,
+    dev_proportion: float, heartbeat_interval: float, heartbeat_grace: float,
+    max_retries: int,
+) -> None:
+    if num_trials < 1:
+        raise ConfigError(f"--num-trials must be at least 1, got {num_trials}")
+    if mem_limit_bytes is not None and mem_limit_bytes < 1:
+        raise ConfigError(f"--mem-limit-bytes must be a positive integer, got {mem_limit_bytes}")
+    if pruner not in PRUNERS:
+        raise ConfigError(f"--pruner must be one of {', '.join(PRUNERS)}, got {pruner!r}")
+    if num_data_workers < 0:
+        raise ConfigError(f"--num-data-workers must be 0 or more, got {num_data_workers}")
+    if not (0.0 < dev_proportion < 1.0) or math.isnan(dev_proportion):
+        raise ConfigError(f"--dev-proportion must be in (0, 1), got {dev_proportion}")
+    if not heartbeat_interval > 0:
+        raise ConfigError(f"--heartbeat-interval must be positive, got {heartbeat_interval}")
+    if heartbeat_grace < 2 * heartbeat_interval:
+        raise ConfigError(
+            f"--heartbeat-grace must be at least twice the interval ({2 * heartbeat_interval}),"
+            f" got {heartbeat_grace}"
+        )
+    if max_retries < 0:
+        raise ConfigError(f"--max-retries must be 0 or more, got {max_retries}")
+
+
+def build_settings(
+    config: Config, data_dir: str | os.PathLike, *, task: str = "asr",
+    whitelist: Sequence[str] | None = None, blacklist: Sequence[str] = (),
+    num_trials: int = DEFAULT_NUM_TRIALS, mem_limit_bytes: int | None = None,
+    pruner: str = "hyperband", num_data_workers: int = 0,
+    dev_proportion: float = DEFAULT_DEV_PROPORTION,
+    checkpoint_dir: str | os.PathLike, heartbeat_interval: float = DEFAULT_HEARTBEAT_S,
+    heartbeat_grace: float | None = None, max_retries: int = DEFAULT_MAX_RETRIES,
+) -> StudySettings:
+    """Validate every ``init`` argument and the data, and build the settings to store.
+
+    Writes nothing. Warns (logging) about each dropped parameter.
+    """
+    if heartbeat_grace is None:
+        heartbeat_grace = 3 * heartbeat_interval
+    _check_options(
+        num_trials, mem_limit_bytes, pruner, num_data_workers, dev_proportion,
+        heartbeat_interval, heartbeat_grace, max_retries,
+    )
+    if whitelist is not None and blacklist:
+        raise ConfigError("give either --whitelist or --blacklist, not both")
+    task_cls = get_task(task)
+    data_path = Path(os.path.abspath(data_dir))
+    info = task_cls.prepare(data_path, config, dev_proportion)
+    task_obj = task_cls(info)
+    base = dict(config)
+    selection = space.select(
+        base, task_obj.num_coeffs, whitelist=whitelist, blacklist=blacklist
+    )
+    option = "--whitelist" if whitelist is not None else "--blacklist"
+    for pattern in selection.unmatched:
+        _log.warning("%s %r matches no parameter", option, pattern)
+    for name, why in selection.dropped.items():
+        _log.warning("not searching %s: %s", name, why)
+    return StudySettings(
+        task=task, base_config=base, searched=list(selection.names), data_dir=str(data_path),
+        task_info=info, num_trials=num_trials, mem_limit_bytes=mem_limit_bytes,
+        pruner=pruner, num_data_workers=num_data_workers, dev_proportion=dev_proportion,
+        checkpoint_dir=str(Path(os.path.abspath(checkpoint_dir))),
+        heartbeat_interval=float(heartbeat_interval), heartbeat_grace=float(heartbeat_grace),
+        max_retries=max_retries, dropped=dict(selection.dropped),
+    )
+
+
+def check_study_name(name: str) -> str:
+    """``name`` if it is a usable study name, else ConfigError."""
+    if not _NAME.match(name):
+        raise ConfigError(
+            f"bad study name {name!r}: use letters, digits, '.', '_', '+', '-' "
+            "(at most 128, starting with a letter or digit)"
+        )
+    return name
+
+
+def _wait_while_written(study: optuna.Study, stall_s: float) -> None:
+    """Wait while another ``init`` is still writing ``study`` (until ready or stalled)."""
+    last, since = None, time.monotonic()
+    while not is_ready(study):
+        progress = (len(study.user_attrs), len(study.get_trials(deepcopy=False)))
+        if progress != last:
+            last, since = progress, time.monotonic()
+        elif time.monotonic() - since >= stall_s:
+            return
+        time.sleep(min(0.5, stall_s))
+
+
+def init_study(
+    db_url: str, study_name: str, settings: StudySettings, stall_s: float = 10.0
+) -> InitResult:
+    """Create the study with ``settings``, or check an existing one matches them.
+
+    An existing study with the same settings is left untouched; different settings raise
+    ConfigError and write nothing. A study another ``init`` is still writing is waited
+    for; one whose init stopped half-way (no progress for ``stall_s``) is completed.
+    """
+    check_study_name(study_name)
+    parse_url(db_url)
+    try:
+        storage = open_storage(db_url, create=False)
+        exists = study_name in study_names(storage)
+    except UserError as err:
+        if "no Optuna studies" not in str(err) and "no study storage" not in str(err):
+            raise
+        exists = False
+    if exists:
+        study = optuna.load_study(study_name=study_name, storage=storage)
+        _wait_while_written(study, stall_s)
+        attrs = study.user_attrs
+        ready = is_ready(study)
+        if attrs:
+            given = settings.to_attrs()
+            partial = {k: v for k, v in attrs.items() if k in given}
+            stored = StudySettings.from_attrs(attrs) if ready else replace(settings, **partial)
+            diffs = stored.differences(settings)
+            if diffs:
+                raise ConfigError(
+                    f"study {study_name!r} in {display_url(db_url)} already exists with other "
+                    "settings: " + "; ".join(diffs)
+                    + " (use another --study-name or the same arguments)"
+                )
+            if ready:
+                return InitResult(study_name, False, stored)
+        elif study.trials or ready:
+            raise ConfigError(
+                f"study {study_name!r} in {display_url(db_url)} was not made by "
+                "'cnn-mellin optim init'; use another --study-name"
+            )
+        _log.warning("completing the interrupted init of study %s", study_name)
+    else:
+        storage = open_storage(db_url, create=True)
+        try:
+            study = optuna.create_study(
+                study_name=study_name, storage=storage, direction="minimize"
+            )
+        except optuna.exceptions.DuplicatedStudyError:
+            return init_study(db_url, study_name, settings, stall_s)  # a concurrent init won
+    _write(study, settings)
+    return InitResult(study_name, not exists, settings)
+
+
+def _write(study: optuna.Study, settings: StudySettings) -> None:
+    stored = study.user_attrs
+    for key, value in settings.to_attrs().items():
+        if key not in stored:
+            study.set_user_attr(key, value)
+    budget.create_slots(study, settings.num_trials, base_params(settings))
+    # checkpoints live under a folder of this study's own: a study deleted and created again
+    # under the same name (as the recipe's "drop database" does) never resumes stale ones
+    if UID_KEY not in study._storage.get_study_system_attrs(study._study_id):
+        study._storage.set_study_system_attr(study._study_id, UID_KEY, uuid.uuid4().hex[:12])
+    study._storage.set_study_system_attr(study._study_id, READY_KEY, True)
+
+
+def base_params(settings: StudySettings) -> dict[str, Any]:
+    """The base configuration's values of the searched parameters that lie in their ranges."""
+    distributions = space.distributions(settings.searched)
+    values = {}
+    for name, dist in distributions.items():
+        value = settings.base_config.get(name)
+        try:
+            if value is not None and dist._contains(dist.to_internal_repr(value)):
+                values[name] = value
+        except (ValueError, TypeError):
+            pass
+    return values
+
+
+def checkpoint_root(study: optuna.Study, settings: StudySettings) -> Path:
+    """The folder holding this study's per-trial checkpoint folders."""
+    uid = study._storage.get_study_system_attrs(study._study_id).get(UID_KEY, "")
+    return Path(settings.checkpoint_dir) / uid if uid else Path(settings.checkpoint_dir)
+
+
+def is_ready(study: optuna.Study) -> bool:
+    """Whether ``init`` finished writing ``study``."""
+    return bool(study._storage.get_study_system_attrs(study._study_id).get(READY_KEY))
+
+
+def read_settings(study: optuna.Study) -> StudySettings:
+    """The settings a ready study stores; UserError for foreign or half-made studies."""
+    if not is_ready(study):
+        if not study.user_attrs:
+            raise UserError(
+                f"study {study.study_name!r} was not created by 'cnn-mellin optim init'"
+            )
+        raise UserError(
+            f"study {study.study_name!r} is incomplete (its init was interrupted); "
+            "re-run the same 'optim init'"
+        )
+    return StudySettings.from_attrs(study.user_attrs)

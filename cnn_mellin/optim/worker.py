@@ -1,0 +1,555 @@
+"""The ``optim run`` worker loop.
+
+Per trial: claim a WAITING trial of the budget → sample the searched parameters →
+assemble the configuration (base + parameters) → let the task check it (invalid →
+pruned with the reason) → memory admission (over the limit → pruned before training,
+the figure recorded and given to the sampler as a constraint) → run the task with
+per-epoch reports for the pruner → record wall time, epochs, peak memory, device and
+host → tell. Out-of-memory errors and non-finite values prune the trial with the reason;
+the worker carries on. Any other error fails the trial (a fresh trial replaces it).
+SIGTERM / SIGINT fail the running trial as interrupted and enqueue its retry, which
+resumes from the trial's checkpoints. The loop ends when the budget is done.
+"""
+
+from __future__ import annotations
+
+import gc
+import logging
+import math
+import multiprocessing
+import os
+import signal
+import sys
+import threading
+import time
+import traceback
+import warnings
+from collections import Counter
+from dataclasses import dataclass, field
+
+import optuna
+from optuna.exceptions import UpdateFinishedTrialError
+from optuna.trial import FrozenTrial, TrialState
+
+from cnn_mellin.config import Config
+from cnn_mellin.errors import ConfigError, UserError
+from cnn_mellin.optim import budget, space
+from cnn_mellin.optim.defaults import SAMPLERS
+from cnn_mellin.optim.heartbeat import WORKER_ATTR, Monitor, WorkerIdentity
+from cnn_mellin.optim.storage import load_study, open_storage
+from cnn_mellin.optim.study import StudySettings, checkpoint_root, read_settings
+from cnn_mellin.tasks import PruneTrial, Task, TrialContext, get_task
+
+_log = logging.getLogger("cnn_mellin.optim")
+
+MAX_CONSECUTIVE_ERRORS = 3
+
+# trial user attributes written by the worker
+WALL_TIME = "wall_time_s"
+EPOCHS = "epochs"
+PEAK_BYTES = "peak_bytes"
+PEAK_METHOD = "peak_bytes_method"
+ADMISSION_BYTES = "admission_bytes"
+ADMISSION_METHOD = "admission_method"
+PRUNE_REASON = "prune_reason"
+PRUNE_KIND = "prune_kind"  # pruner | memory | oom | invalid | nonfinite | a task's own
+RESUMED_FROM = "resumed_from_epoch"
+MEMORY_CONSTRAINT = "memory"
+VALID_CONSTRAINT = "valid"
+
+
+class WorkerStopped(BaseException):
+    """SIGTERM or SIGINT arrived: stop after failing (and re-enqueueing) the current trial."""
+
+    def __init__(self, signum: int):
+        super().__init__(signal.Signals(signum).name)
+        self.signum = signum
+
+
+class TrialLost(Exception):
+    """Another worker took this worker for dead and failed its trial."""
+
+
+class _Prune(Exception):
+    def __init__(
+        self, kind: str, reason: str, constraint: tuple[str, float] | None = None
+    ):
+        super().__init__(reason)
+        self.kind = kind
+        self.reason = reason
+        self.constraint = constraint
+
+
+@dataclass
+class WorkerSummary:
+    """Outcomes of the trials one worker ran."""
+
+    outcomes: Counter = field(default_factory=Counter)
+    exit_code: int = 0
+
+    def __str__(self) -> str:
+        if not self.outcomes:
+            return "no trials run"
+        return ", ".join(f"{n} {k}" for k, n in sorted(self.outcomes.items()))
+
+
+def make_sampler(name: str, seed: int | None) -> optuna.samplers.BaseSampler:
+    """The sampler called ``name`` (see :data:`SAMPLERS`)."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        if name == "random":
+            return optuna.samplers.RandomSampler(seed=seed)
+        if name == "tpe":
+            return optuna.samplers.TPESampler(seed=seed)
+        if name == "gp":
+            return optuna.samplers.GPSampler(seed=seed)
+    raise ConfigError(f"unknown sampler {name!r}; allowed: {', '.join(SAMPLERS)}")
+
+
+def make_pruner(settings: StudySettings, task: Task) -> optuna.pruners.BasePruner:
+    """The pruner the study was initialised with."""
+    if settings.pruner == "none":
+        return optuna.pruners.NopPruner()
+    if settings.pruner == "median":
+        return optuna.pruners.MedianPruner(n_startup_trials=5, n_warmup_steps=1)
+    max_epochs = task.max_epochs(settings.config(), settings.searched)
+    return optuna.pruners.HyperbandPruner(
+        min_resource=1, max_resource=max_epochs if max_epochs else "auto", reduction_factor=3
+    )
+
+
+def trial_seed(seed: int | None, number: int) -> int | None:
+    """The sampler seed of one trial: reproducible per trial number, distinct across trials."""
+    if seed is None:
+        return None
+    return (seed * 1_000_003 + number * 7_919 + 17) % (2**32)
+
+
+def _is_oom(err: BaseException) -> bool:
+    if isinstance(err, MemoryError):
+        return True
+    torch = sys.modules.get("torch")  # a task that never imported torch cannot raise its OOM
+    if torch is not None and isinstance(err, torch.OutOfMemoryError):
+        return True
+    text = str(err).lower()
+    return isinstance(err, RuntimeError) and (
+        "out of memory" in text or "can't allocate memory" in text
+    )
+
+
+def _free_device_memory() -> None:
+    gc.collect()
+    torch = sys.modules.get("torch")
+    if torch is not None and torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
+def _one_line(err: BaseException) -> str:
+    text = " ".join(str(err).split())
+    return text[:500] if text else type(err).__name__
+
+
+class Worker:
+    """One worker process's loop over the budget of one study."""
+
+    def __init__(
+        self, db_url: str, study_name: str | None, *, device: str = "cpu",
+        sampler: str = "random", seed: int | None = None, max_trials: int | None = None,
+    ):
+        if sampler not in SAMPLERS:
+            raise ConfigError(f"unknown sampler {sampler!r}; allowed: {', '.join(SAMPLERS)}")
+        if max_trials is not None and max_trials < 1:
+            raise ConfigError(f"--max-trials must be at least 1, got {max_trials}")
+        if device.startswith("cuda"):
+            import torch
+
+            if not torch.cuda.is_available():
+                raise ConfigError(f"--device {device}: no CUDA device is usable here")
+        self.storage = open_storage(db_url)
+        self.study = load_study(self.storage, study_name, db_url)
+        self.settings = read_settings(self.study)
+        self.task = get_task(self.settings.task)(self.settings.task_info)
+        self.task.verify()
+        self.study.pruner = make_pruner(self.settings, self.task)
+        self.device = device
+        self.sampler_name = sampler
+        self.seed = seed
+        self.max_trials = max_trials
+        self.identity = WorkerIdentity.current(device)
+        self.base = self.settings.config()
+        interval = self.settings.heartbeat_interval
+        self.poll_s = max(0.2, min(interval, 5.0))
+        self.monitor = Monitor(
+            self.study, self.identity, interval, self.settings.heartbeat_grace,
+            self.settings.num_trials, self.settings.max_retries,
+        )
+        # the list of WAITING trials is long (the budget) and re-read rarely: when it
+        # runs out, after this worker enqueued a retry, or every minute for others' retries
+        self.claimer = budget.SlotClaimer(
+            self.study, refresh_s=max(60.0, 6 * interval), seed=self.identity.pid
+        )
+        self.monitor.on_enqueue = self.claimer.invalidate
+
+    # -- the loop -----------------------------------------------------------------------
+
+    def run(self) -> WorkerSummary:
+        """Run trials until the study's budget is done (or ``max_trials`` were run here)."""
+        summary = WorkerSummary()
+        errors = 0
+        idle_s = 0.0  # back-off while other workers finish the last trials
+        self.monitor.start()
+        try:
+            while True:
+                claimed = self.claimer.claim()
+                if claimed is None:
+                    counts = budget.count(self.study.get_trials(deepcopy=False),
+                                          self.settings.num_trials)
+                    if counts.done >= self.settings.num_trials:
+                        break
+                    if not idle_s:
+                        _log.info("no trial left to start; waiting for %d running elsewhere",
+                                  counts.running)
+                    idle_s = min(self.poll_s, max(0.05, 2 * idle_s))
+                    time.sleep(idle_s)
+                    continue
+                idle_s = 0.0
+                outcome = self.run_trial(claimed)
+                summary.outcomes[outcome] += 1
+                errors = errors + 1 if outcome == "failed" else 0
+                if errors >= MAX_CONSECUTIVE_ERRORS:
+                    _log.error("stopping: %d trials in a row failed with errors", errors)
+                    summary.exit_code = 1
+                    break
+                if self.max_trials is not None and sum(summary.outcomes.values()) >= \
+                        self.max_trials:
+                    break
+        finally:
+            self.monitor.stop()
+        return summary
+
+    # -- one trial ----------------------------------------------------------------------
+
+    def run_trial(self, claimed: FrozenTrial) -> str:
+        """Run one claimed (RUNNING) trial to its end; returns the outcome's name."""
+        storage = self.study._storage
+        trial_id = claimed._trial_id
+        storage.set_trial_user_attr(trial_id, WORKER_ATTR, self.identity.to_attr())
+        self.monitor.own(trial_id)
+        try:
+            return self._run_owned(claimed)
+        finally:
+            self.monitor.release()
+
+    def _run_owned(self, claimed: FrozenTrial) -> str:
+        storage = self.study._storage
+        trial_id = claimed._trial_id
+        if budget.REPLACES in claimed.user_attrs:
+            earlier = budget.is_duplicate(claimed, self.study.get_trials(deepcopy=False))
+            if earlier is not None:
+                storage.set_trial_user_attr(trial_id, budget.DUPLICATE_OF, earlier.number)
+                storage.set_trial_user_attr(trial_id, budget.FAIL_KIND, "duplicate")
+                storage.set_trial_state_values(trial_id, TrialState.FAIL)
+                return "duplicate"
+        self.study.sampler = make_sampler(self.sampler_name, trial_seed(self.seed, claimed.number))
+        trial = optuna.Trial(self.study, trial_id)
+        facts: dict = {}
+        reported = self._copy_history(trial, claimed)
+        started = time.monotonic()
+        checkpoint_dir = (
+            checkpoint_root(self.study, self.settings) / f"trial-{budget.root_number(claimed)}"
+        )
+        try:
+            result = self._attempt(trial, claimed, facts, reported, checkpoint_dir)
+        except _Prune as prune:
+            return self._finish_pruned(trial, facts, started, prune)
+        except optuna.TrialPruned as pruned:
+            reason = str(pruned) or "pruned by the pruner"
+            return self._finish_pruned(trial, facts, started, _Prune("pruner", reason))
+        except PruneTrial as pruned:
+            return self._finish_pruned(trial, facts, started, _Prune(pruned.kind, pruned.reason))
+        except TrialLost:
+            _log.warning("trial %d was failed by another worker (taken for dead); dropped",
+                         claimed.number)
+            return "lost"
+        except WorkerStopped as stop:
+            self._fail(trial, claimed, "interrupted", f"worker stopped by {stop}")
+            raise
+        except ConfigError as err:  # this configuration cannot run (found out late)
+            return self._finish_pruned(
+                trial, facts, started,
+                _Prune("invalid", f"invalid configuration: {err}", (VALID_CONSTRAINT, 1.0)),
+            )
+        except UserError as err:  # data or environment: every trial would fail here
+            self._fail(trial, claimed, "interrupted", f"{type(err).__name__}: {_one_line(err)}")
+            raise
+        except Exception as err:
+            if _is_oom(err):
+                _free_device_memory()
+                return self._finish_pruned(
+                    trial, facts, started, _Prune("oom", f"out of memory: {_one_line(err)}",
+                                                  self._memory_violation(None)),
+                )
+            _log.warning("trial %d failed:\n%s", claimed.number, traceback.format_exc())
+            self._fail(trial, claimed, "error", f"{type(err).__name__}: {_one_line(err)}")
+            return "failed"
+        facts[WALL_TIME] = round(time.monotonic() - started, 3)
+        facts[EPOCHS] = result.epochs
+        if result.peak_bytes is not None:
+            facts[PEAK_BYTES] = int(result.peak_bytes)
+            facts[PEAK_METHOD] = "measured during training"
+        elif ADMISSION_BYTES in facts:
+            facts[PEAK_BYTES] = facts[ADMISSION_BYTES]
+            facts[PEAK_METHOD] = facts[ADMISSION_METHOD]
+        if result.resumed_from_epoch is not None:
+            facts[RESUMED_FROM] = result.resumed_from_epoch
+        facts.update(result.attrs)
+        if not math.isfinite(result.value):
+            return self._finish_pruned(
+                trial, facts, started, _Prune("nonfinite", f"non-finite value {result.value}")
+            )
+        return self._tell(trial, facts, TrialState.COMPLETE, result.value)
+
+    def _attempt(self, trial, claimed, facts, reported, checkpoint_dir):
+        params = space.suggest(trial, self.settings.searched)
+        try:
+            config = self.base.replace(params)
+            self.task.check(config)
+        except ConfigError as err:
+            raise _Prune(
+                "invalid", f"invalid configuration: {err}", (VALID_CONSTRAINT, 1.0)
+            ) from None
+        if self.monitor.lost(trial._trial_id):
+            raise TrialLost()
+        self._admit(config, facts)
+
+        def report(epoch: int, value: float) -> None:
+            if self.monitor.lost(trial._trial_id):
+                raise TrialLost()
+            facts[EPOCHS] = epoch
+            if not math.isfinite(value):
+                raise _Prune("nonfinite", f"non-finite value {value} at epoch {epoch}")
+            if epoch not in reported:
+                trial.report(value, epoch)
+                reported.add(epoch)
+            if trial.should_prune():
+                raise optuna.TrialPruned(
+                    f"pruned by the {self.settings.pruner} pruner at epoch {epoch} "
+                    f"(value {value:.6g})"
+                )
+
+        context = TrialContext(
+            device=self.device, checkpoint_dir=checkpoint_dir,
+            num_data_workers=self.settings.num_data_workers, report=report,
+            trial_number=claimed.number,
+        )
+        return self.task.run(config, context)
+
+    def _admit(self, config: Config, facts: dict) -> None:
+        limit = self.settings.mem_limit_bytes
+        try:
+            figure = self.task.peak_memory(config, self.device)
+        except Exception as err:
+            if not _is_oom(err):
+                raise
+            _free_device_memory()
+            raise _Prune(
+                "oom", f"out of memory while measuring admission: {_one_line(err)}",
+                self._memory_violation(None),
+            ) from None
+        if figure is None:
+            return
+        facts[ADMISSION_BYTES] = int(figure.bytes)
+        facts[ADMISSION_METHOD] = figure.method
+        if limit is None:
+            return
+        violation = self._memory_violation(figure.bytes)
+        if figure.bytes > limit:
+            raise _Prune(
+                "memory",
+                f"needs {figure.bytes} bytes ({figure.method}) on {self.device}, over the "
+                f"limit of {limit} bytes", violation,
+            )
+        facts["_constraint"] = violation
+
+    def _memory_violation(self, peak: int | None) -> tuple[str, float] | None:
+        limit = self.settings.mem_limit_bytes
+        if limit is None:
+            return None
+        if peak is None:
+            return (MEMORY_CONSTRAINT, 1.0)
+        return (MEMORY_CONSTRAINT, peak / limit - 1.0)
+
+    def _copy_history(self, trial: optuna.Trial, claimed: FrozenTrial) -> set[int]:
+        """A retry starts with its failed predecessor's per-epoch values (kept, not lost)."""
+        reported: set[int] = set()
+        if budget.RETRY_OF not in claimed.user_attrs:
+            return reported
+        number = claimed.user_attrs.get(budget.REPLACES)
+        try:
+            previous = self.study._storage.get_trial(
+                self.study._storage.get_trial_id_from_study_id_trial_number(
+                    self.study._study_id, int(number)
+                )
+            )
+        except (KeyError, TypeError, ValueError):
+            return reported
+        for step, value in sorted(previous.intermediate_values.items()):
+            trial.report(value, step)
+            reported.add(step)
+        return reported
+
+    # -- endings ------------------------------------------------------------------------
+
+    def _write_facts(self, trial: optuna.Trial, facts: dict) -> None:
+        constraint = facts.pop("_constraint", None)
+        if constraint is not None:
+            trial.set_constraint(*constraint)
+        for key, value in facts.items():
+            trial.set_user_attr(key, value)
+
+    def _finish_pruned(self, trial, facts: dict, started: float, prune: _Prune) -> str:
+        admitted = facts.pop("_constraint", None)
+        facts[WALL_TIME] = round(time.monotonic() - started, 3)
+        facts.setdefault(EPOCHS, 0)
+        facts[PRUNE_REASON] = prune.reason
+        facts[PRUNE_KIND] = prune.kind
+        if prune.constraint is not None or admitted is not None:
+            facts["_constraint"] = prune.constraint or admitted
+        _log.info("trial %d pruned: %s", trial.number, prune.reason)
+        return self._tell(trial, facts, TrialState.PRUNED, None)
+
+    def _tell(self, trial, facts: dict, state: TrialState, value: float | None) -> str:
+        try:
+            self._write_facts(trial, facts)
+            if state == TrialState.COMPLETE:
+                self.study.tell(trial, value)
+                _log.info("trial %d complete: %.6g", trial.number, value)
+            else:
+                self.study.tell(trial, state=state)
+        except UpdateFinishedTrialError:
+            _log.warning("trial %d was failed by another worker meanwhile; result dropped",
+                         trial.number)
+            return "lost"
+        except RuntimeError as err:
+            if "finished" not in str(err):
+                raise
+            _log.warning("trial %d was finished by another worker meanwhile", trial.number)
+            return "lost"
+        return "complete" if state == TrialState.COMPLETE else "pruned"
+
+    def _fail(self, trial: optuna.Trial, claimed: FrozenTrial, kind: str, reason: str) -> None:
+        frozen = self.study._storage.get_trial(trial._trial_id)
+        if frozen.state != TrialState.RUNNING:
+            return
+        budget.fail_and_replace(self.study, frozen, kind, reason, self.settings.max_retries)
+        self.claimer.invalidate()
+
+
+def _raise_stop(signum, _frame):
+    # a second signal must not interrupt the re-enqueueing of the trial
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    raise WorkerStopped(signum)
+
+
+def run_worker(
+    db_url: str, study_name: str | None, *, device: str = "cpu", sampler: str = "random",
+    seed: int | None = None, max_trials: int | None = None,
+) -> WorkerSummary:
+    """Run one worker in this process; SIGTERM/SIGINT stop it after re-enqueueing its trial."""
+    worker = Worker(
+        db_url, study_name, device=device, sampler=sampler, seed=seed, max_trials=max_trials
+    )
+    in_main = threading.current_thread() is threading.main_thread()
+    previous = {}
+    if in_main:
+        for signum in (signal.SIGTERM, signal.SIGINT):
+            previous[signum] = signal.signal(signum, _raise_stop)
+    try:
+        summary = worker.run()
+    except WorkerStopped as stop:
+        summary = WorkerSummary(exit_code=128 + stop.signum)
+        _log.warning("worker stopped by %s; its trial was re-enqueued", stop)
+    finally:
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
+    _log.info("worker done: %s", summary)
+    return summary
+
+
+def _child(db_url, study_name, device, sampler, seed, max_trials, verbose, threads) -> None:
+    if threads is not None:
+        import torch
+
+        torch.set_num_threads(threads)
+    logging.basicConfig(
+        level=logging.DEBUG if verbose else logging.INFO,
+        format="%(asctime)s %(processName)s %(levelname)s: %(message)s",
+    )
+    optuna.logging.set_verbosity(optuna.logging.DEBUG if verbose else optuna.logging.WARNING)
+    try:
+        summary = run_worker(
+            db_url, study_name, device=device, sampler=sampler, seed=seed,
+            max_trials=max_trials,
+        )
+    except UserError as err:
+        logging.getLogger("cnn_mellin.optim").error("%s", err)
+        raise SystemExit(err.exit_code) from None
+    raise SystemExit(summary.exit_code)
+
+
+def worker_devices(device: str, workers: int) -> list[str]:
+    """Devices for ``workers`` local workers: plain ``cuda`` is spread over all GPUs."""
+    if device == "cuda":
+        try:
+            import torch
+
+            count = torch.cuda.device_count()
+        except ImportError:
+            count = 0
+        if count > 1:
+            return [f"cuda:{i % count}" for i in range(workers)]
+    return [device] * workers
+
+
+def run_workers(
+    workers: int, db_url: str, study_name: str | None, *, device: str = "cpu",
+    sampler: str = "random", seed: int | None = None, max_trials: int | None = None,
+    verbose: bool = False,
+) -> int:
+    """Run ``workers`` worker processes here; returns the worst exit code."""
+    if workers < 1:
+        raise ConfigError(f"--workers must be at least 1, got {workers}")
+    # fail fast, in this process, on a bad URL or study
+    read_settings(load_study(open_storage(db_url), study_name, db_url))
+    context = multiprocessing.get_context("spawn")
+    # CPU workers share this machine's cores instead of each taking all of them
+    threads = max(1, (os.cpu_count() or 1) // workers) if device == "cpu" else None
+    processes = [
+        context.Process(
+            target=_child, name=f"worker-{i}",
+            args=(db_url, study_name, dev, sampler, seed, max_trials, verbose, threads),
+        )
+        for i, dev in enumerate(worker_devices(device, workers))
+    ]
+    for process in processes:
+        process.start()
+
+    def forward(signum, _frame):
+        # Ctrl-C reaches the children through the process group; SIGTERM (e.g. from
+        # SLURM to this process) is passed on
+        if signum == signal.SIGTERM:
+            for process in processes:
+                if process.is_alive():
+                    process.terminate()
+
+    previous = {s: signal.signal(s, forward) for s in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        for process in processes:
+            process.join()
+    finally:
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
+    codes = [p.exitcode if p.exitcode >= 0 else 128 - p.exitcode for p in processes]
+    return max(codes)
+

@@ -1,0 +1,190 @@
+"""The ``asr`` task: train the CTC acoustic model; the trial value is the dev phone error rate.
+
+``init`` gets one data dir; a deterministic share of it (``--dev-proportion``) is held out
+as dev data, by speaker when utterance ids carry one (TIMIT's ``SPEAKER_SENTENCE``), else
+by utterance. The split is stored in the study. The value is the 39-phone PER of the best
+epoch (the epoch whose checkpoint training keeps as ``model.pt``), so a trial is judged by
+the model it would hand over; the pruner sees every epoch's dev PER.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections import defaultdict
+from pathlib import Path
+
+from cnn_mellin.config import Config
+from cnn_mellin.errors import DataError
+from cnn_mellin.tasks.base import MemoryFigure, PruneTrial, Task, TaskResult, TrialContext
+
+
+def _speaker(utt_id: str) -> str | None:
+    head, sep, _ = utt_id.partition("_")
+    return head if sep and head else None
+
+
+def _order(name: str) -> str:
+    return hashlib.sha256(name.encode()).hexdigest()
+
+
+def fingerprint(utt_ids: list[str]) -> str:
+    """A digest of the utterance ids of a data dir (to notice data that changed)."""
+    return hashlib.sha256("\n".join(sorted(utt_ids)).encode()).hexdigest()
+
+
+def split_dev(utt_ids: list[str], proportion: float) -> tuple[str, list[str]]:
+    """Choose the dev part: (``"speaker"`` or ``"utterance"``, the dev speakers or utterances).
+
+    Units (speakers if every id names one and some speaker has several utterances, else
+    utterances) are taken in a fixed pseudo-random order until at least ``proportion`` of
+    the utterances are dev; at least one unit goes to each side.
+    """
+    by_speaker: dict[str, list[str]] = defaultdict(list)
+    for utt in utt_ids:
+        by_speaker[_speaker(utt) or ""].append(utt)
+    speakers_ok = "" not in by_speaker and 2 <= len(by_speaker) < len(utt_ids)
+    units = by_speaker if speakers_ok else {utt: [utt] for utt in utt_ids}
+    if len(units) < 2:
+        raise DataError(
+            f"cannot split a dev part off {len(utt_ids)} utterance(s); need at least 2"
+        )
+    target = proportion * len(utt_ids)
+    chosen, count = [], 0
+    for unit in sorted(units, key=_order):
+        if count >= target or len(chosen) == len(units) - 1:
+            break
+        chosen.append(unit)
+        count += len(units[unit])
+    if not chosen:
+        chosen.append(sorted(units, key=_order)[0])
+    return ("speaker" if speakers_ok else "utterance"), sorted(chosen)
+
+
+class AsrTask(Task):
+    """CTC training of the acoustic model on the study's data dir."""
+
+    name = "asr"
+
+    @classmethod
+    def prepare(cls, data_dir: Path, config: Config, dev_proportion: float) -> dict:
+        from cnn_mellin.data.store import read_info
+
+        info = read_info(data_dir)
+        if len(info) == 0:
+            raise DataError(f"data dir {data_dir} holds no utterances")
+        by, dev = split_dev(info.utt_ids, dev_proportion)
+        stored = {
+            "data_dir": str(data_dir), "feature": info.feature, "num_coeffs": info.num_coeffs,
+            "split_by": by, "dev": dev, "num_utts": len(info),
+            "fingerprint": fingerprint(info.utt_ids),
+        }
+        train, _ = cls(stored).split(info.utt_ids)
+        frames = dict(zip(info.utt_ids, info.num_frames, strict=True))
+        stored["max_frames"] = max(frames[u] for u in train)
+        return stored
+
+    def split(self, utt_ids: list[str]) -> tuple[list[str], list[str]]:
+        """(train, dev) utterance ids of the data dir by the stored split."""
+        dev_units = set(self.info["dev"])
+        if self.info["split_by"] == "speaker":
+            is_dev = [_speaker(u) in dev_units for u in utt_ids]
+        else:
+            is_dev = [u in dev_units for u in utt_ids]
+        train = [u for u, d in zip(utt_ids, is_dev, strict=True) if not d]
+        dev = [u for u, d in zip(utt_ids, is_dev, strict=True) if d]
+        return train, dev
+
+    def _read(self):
+        from cnn_mellin.data.store import read_info
+
+        info = read_info(self.info["data_dir"])
+        if fingerprint(info.utt_ids) != self.info["fingerprint"]:
+            raise DataError(
+                f"data dir {self.info['data_dir']} changed since the study was created "
+                "(different utterances); create a new study"
+            )
+        return info
+
+    def verify(self) -> None:
+        self._read()
+
+    def check(self, config: Config) -> None:
+        from cnn_mellin.model import check_model_config
+
+        check_model_config(config.group("model"), self.num_coeffs)
+
+    def repair(self, config: Config) -> Config:
+        from cnn_mellin.model import repair_model_config
+
+        repaired = repair_model_config(config.group("model"), self.num_coeffs)
+        return config.replace(
+            {f"model.{k}": v for k, v in repaired.items() if f"model.{k}" in config}
+        )
+
+    def max_epochs(self, config: Config, searched: list[str]) -> int | None:
+        if "training.num_epochs" in searched:
+            from cnn_mellin.config import parameters
+
+            return int(parameters()["training.num_epochs"].search.high)
+        return int(config["training.num_epochs"])
+
+    def peak_memory(self, config: Config, device: str) -> MemoryFigure:
+        """Measured on CUDA (one real step on the largest batch), else estimated."""
+        import torch
+
+        from cnn_mellin.memory import estimate_peak_bytes, measure_peak_bytes
+
+        batch, frames = config["data.batch_size"], int(self.info["max_frames"])
+        training = config.group("training")
+        cuda = device.startswith("cuda") and torch.cuda.is_available()
+        autocast = None
+        if cuda and training["mixed_precision"]:
+            autocast = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+        if cuda:
+            from cnn_mellin.model import AcousticModel
+            from cnn_mellin.training import optimizer_from_params
+
+            model = AcousticModel(config.group("model"), self.num_coeffs)
+            peak = measure_peak_bytes(
+                model, batch, frames, self.num_coeffs,
+                lambda params: optimizer_from_params(params, training), device,
+                autocast_dtype=autocast,
+            )
+            return MemoryFigure(int(peak), "measured")
+        peak = estimate_peak_bytes(
+            config.group("model"), self.num_coeffs, batch, frames, training["optimizer"],
+            device="cuda" if device.startswith("cuda") else "cpu",
+            momentum=training["momentum"], weight_decay=training["weight_decay"],
+        )
+        return MemoryFigure(int(peak), "estimated")
+
+    def run(self, config: Config, context: TrialContext) -> TaskResult:
+        import torch
+
+        from cnn_mellin.training import TrainingDiverged, train
+
+        info = self._read()
+        train_utts, dev_utts = self.split(info.utt_ids)
+        cuda = context.device.startswith("cuda") and torch.cuda.is_available()
+        if cuda:
+            torch.cuda.reset_peak_memory_stats(context.device)
+
+        def on_epoch(epoch: int, train_loss: float, dev_error: float) -> None:
+            context.report(epoch, dev_error)
+
+        try:
+            result = train(
+                config, self.info["data_dir"], None, model_dir=context.checkpoint_dir,
+                device=context.device, train_utts=train_utts, dev_utts=dev_utts,
+                epoch_callback=on_epoch, num_workers=context.num_data_workers,
+            )
+        except TrainingDiverged as err:
+            raise PruneTrial(f"diverged: {err}", kind="diverged") from None
+        peak = int(torch.cuda.max_memory_allocated(context.device)) if cuda else None
+        return TaskResult(
+            value=float(result.best_dev_error), epochs=int(result.epochs_run), peak_bytes=peak,
+            resumed_from_epoch=result.resumed_from_epoch,
+            attrs={"best_epoch": result.best_epoch, "model_path": str(result.model_path),
+                   "final_dev_error": float(result.final_dev_error),
+                   "skipped_steps": result.skipped_steps_total},
+        )

@@ -1,0 +1,152 @@
+"""Optimiser steps of one epoch: augmentation, CTC loss, accumulation, clipping, mixed
+precision, and skipping of steps whose loss or gradient is not finite."""
+
+from __future__ import annotations
+
+import logging
+import math
+from contextlib import nullcontext
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from cnn_mellin.decoding import BLANK
+
+log = logging.getLogger(__name__)
+
+
+class TrainingDiverged(Exception):
+    """Too many consecutive optimiser steps had a non-finite loss or gradient."""
+
+
+def ctc_feasible(targets: torch.Tensor, target_lens: torch.Tensor, out_lens: torch.Tensor):
+    """Bool (N,): CTC can align each target (outputs >= target length + repeated neighbours)."""
+    lmax = targets.shape[1]
+    pos = torch.arange(1, lmax, device=targets.device)[None, :]
+    repeats = ((targets[:, 1:] == targets[:, :-1]) & (pos < target_lens[:, None])).sum(1)
+    return out_lens >= target_lens + repeats
+
+
+def ctc_loss(log_probs, out_lens, targets, target_lens, valid):
+    """Mean over ``valid`` (N,) sequences of the CTC loss divided by target length."""
+    losses = F.ctc_loss(
+        log_probs.float(), targets, out_lens, target_lens, blank=BLANK, reduction="none",
+        zero_infinity=True,
+    )
+    losses = losses / target_lens.clamp(min=1).to(losses.dtype)
+    return (losses * valid).sum() / valid.sum().clamp(min=1)
+
+
+def amp_setup(device: torch.device, wanted: bool):
+    """(autocast dtype or None, whether to scale the loss) for ``device``."""
+    if not wanted or device.type != "cuda":
+        return None, False
+    if torch.cuda.is_bf16_supported():
+        return torch.bfloat16, False
+    return torch.float16, True
+
+
+@dataclass
+class EpochStats:
+    train_loss: float
+    skipped_steps: int
+    lr: float
+
+
+class Stepper:
+    """Runs the optimiser steps of an epoch for a model under the ``training`` group.
+
+    Keeps across epochs the loss scaler, the count of consecutive bad steps and the
+    utterances CTC could not align (``impossible``).
+    """
+
+    def __init__(self, model, optimizer, schedule, params: dict[str, Any], device, augmenter,
+                 impossible=()):
+        self.model, self.optimizer, self.schedule = model, optimizer, schedule
+        self.p, self.device, self.augmenter = params, device, augmenter
+        self.amp_dtype, scale = amp_setup(device, params["mixed_precision"])
+        if params["mixed_precision"] and self.amp_dtype is None:
+            log.info("mixed precision asked for but the device is %s: training in float32",
+                     device)
+        self.scaler = torch.amp.GradScaler("cuda", enabled=scale)
+        self.bad_run = 0
+        self.impossible = list(impossible)
+
+    def autocast(self):
+        """Mixed-precision context (a no-op in float32)."""
+        if self.amp_dtype is None:
+            return nullcontext()
+        return torch.autocast(device_type=self.device.type, dtype=self.amp_dtype)
+
+    def _loss(self, batch, gen):
+        """The batch's loss (None if no sequence in it can be aligned)."""
+        feats, lens = batch.feats, batch.feat_lens
+        if self.augmenter.active:
+            feats, lens = self.augmenter(feats, lens, gen)
+        with self.autocast():
+            log_probs, out_lens = self.model(feats, lens)
+        valid = ctc_feasible(batch.targets, batch.target_lens, out_lens)
+        if not bool(valid.all()):
+            for utt, ok in zip(batch.utt_ids, valid.tolist(), strict=True):
+                if not ok and utt not in self.impossible:
+                    self.impossible.append(utt)
+                    log.warning("utterance %s: CTC cannot align its targets; skipped", utt)
+        if not bool(valid.any()):
+            return None
+        return ctc_loss(log_probs, out_lens, batch.targets, batch.target_lens,
+                        valid.to(torch.float32))
+
+    def _update(self) -> bool:
+        """Unscale, clip and apply the accumulated gradient; False if it was not finite."""
+        self.scaler.unscale_(self.optimizer)
+        limit = self.p["max_grad_norm"] if self.p["max_grad_norm"] > 0 else math.inf
+        norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), limit)
+        finite = bool(torch.isfinite(norm))
+        if self.scaler.is_enabled():
+            self.scaler.step(self.optimizer)  # skips the update itself on inf/NaN gradients
+            self.scaler.update()
+        elif finite:
+            self.optimizer.step()
+        return finite
+
+    def run_epoch(self, loader, epoch: int, gen: torch.Generator, bar) -> EpochStats:
+        """One pass over ``loader``; raises TrainingDiverged after too many bad steps."""
+        accumulation = self.p["grad_accumulation"]
+        self.model.train()
+        loss_sum, loss_count, skipped, rate = 0.0, 0, 0, math.nan
+        bad, seen = False, 0
+        self.optimizer.zero_grad(set_to_none=True)
+        non_blocking = self.device.type == "cuda"
+        for index, batch in enumerate(loader):
+            loss = self._loss(batch.to(self.device, non_blocking=non_blocking), gen)
+            if loss is not None:
+                value = float(loss.detach())
+                if math.isfinite(value):
+                    self.scaler.scale(loss / accumulation).backward()
+                    loss_sum, loss_count, seen = loss_sum + value, loss_count + 1, seen + 1
+                else:
+                    bad = True
+            bar.update(1)
+            if (index + 1) % accumulation and index + 1 < len(loader):
+                continue
+            rate = self.schedule.apply(self.optimizer)
+            ok = not bad and (self._update() if seen else True)
+            self.optimizer.zero_grad(set_to_none=True)
+            self.schedule.step()
+            bad, seen = False, 0
+            if ok:
+                self.bad_run = 0
+            else:
+                skipped += 1
+                self.bad_run += 1
+                log.debug("epoch %d step %d: non-finite loss or gradient, skipped", epoch,
+                          self.schedule.steps)
+                if self.bad_run >= self.p["max_bad_steps"]:
+                    raise TrainingDiverged(
+                        f"{self.bad_run} consecutive optimiser steps with a non-finite loss or "
+                        f"gradient (epoch {epoch}, learning rate {rate:.3g})"
+                    )
+            bar.set_postfix(loss=f"{loss_sum / max(loss_count, 1):.3f}", refresh=False)
+        return EpochStats(loss_sum / loss_count if loss_count else math.nan, skipped, rate)

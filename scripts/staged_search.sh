@@ -1,0 +1,75 @@
+#!/usr/bin/env bash
+# The main job, end to end on one machine: set up .venv, speak the synthetic corpus, prepare
+# fbank features, then the staged search of the reference recipe on the embedded store:
+#   1. model-<type>-sm: random search over the model parameters (small models, few epochs),
+#   2. important --top-k and best --independent carry the winners into
+#   3. model-<type>-lg: TPE search over just the top parameters, from that .ini,
+#   4. best: the final configuration.
+# Minutes on a 2-core CPU. Re-running it is cheap: finished steps are no-ops.
+# Environment: MODEL_TYPE (mcorr|lcorr, default mcorr), DB_URL (default: the embedded store),
+# WORKERS (local worker processes, default 2), SM_TRIALS (10), LG_TRIALS (4), TOP_K (3),
+# MEM_LIMIT (bytes, default 5e8).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+bash scripts/setup.sh
+export PATH="$PWD/.venv/bin:$PATH"
+
+model_type=${MODEL_TYPE:-mcorr}
+feature=fbank-81-10ms
+db_url=${DB_URL:-default}
+workers=${WORKERS:-2}
+sm_trials=${SM_TRIALS:-10}
+lg_trials=${LG_TRIALS:-4}
+top_k=${TOP_K:-3}
+# Peak bytes of one training step on the largest batch that a trial may need: configurations
+# above it are pruned before training (as the recipe's GPU limits do on a cluster), which keeps
+# the largest, slowest random models out of a CPU demo.
+mem_limit=${MEM_LIMIT:-500000000}
+data=data/synth
+conf=exp/conf
+mkdir -p "$conf" exp/logs
+
+if [ ! -e "$data/$feature/train/feats.h5" ]; then
+  echo "== synthetic corpus and $feature features -> $data" >&2
+  cnn-mellin prep synth "$data/corpus" --utterances 200
+  cnn-mellin prep timit "$data/corpus" "$data" "$feature"
+fi
+
+sm=demo-model-$model_type-sm-$feature
+lg=demo-model-$model_type-lg-$feature
+
+echo "== stage sm: $sm ($sm_trials random trials, $workers workers)" >&2
+cnn-mellin \
+  --read-ini "conf/optim/model-$model_type-sm.ini" --read-ini conf/optim/demo.ini \
+  --device cpu \
+  optim --study-name "$sm" "$db_url" \
+    init "$data/$feature/train" \
+      --blacklist 'training.*' 'data.*' 'model.convolutional_mellin' \
+      --num-trials "$sm_trials" --pruner none --mem-limit-bytes "$mem_limit"
+cnn-mellin optim --study-name "$sm" "$db_url" run --sampler random --workers "$workers"
+
+echo "== carrying the top $top_k parameters and the best settings into $lg" >&2
+cnn-mellin optim --study-name "$sm" "$db_url" important --top-k="$top_k" "$conf/$lg.params"
+cnn-mellin optim --study-name "$sm" "$db_url" best --independent "$conf/$lg.ini"
+
+echo "== stage lg: $lg ($lg_trials TPE trials)" >&2
+cnn-mellin --read-ini "$conf/$lg.ini" --device cpu \
+  optim --study-name "$lg" "$db_url" \
+    init "$data/$feature/train" \
+      --whitelist $(cat "$conf/$lg.params") \
+      --num-trials "$lg_trials" --mem-limit-bytes "$mem_limit"
+cnn-mellin optim --study-name "$lg" "$db_url" run --sampler tpe --workers "$workers"
+
+cnn-mellin optim --study-name "$lg" "$db_url" best "$conf/$lg-best.ini"
+cnn-mellin optim --study-name "$lg" "$db_url" status
+cnn-mellin optim --study-name "$lg" "$db_url" report "exp/report/$lg"
+
+cat <<DONE
+== done
+studies:           $sm, $lg in $db_url (optuna trials --study-name $lg --storage ${db_url/#default/exp/optim/studies.journal})
+top parameters:    $conf/$lg.params
+stage-sm settings: $conf/$lg.ini
+final best:        $conf/$lg-best.ini
+report:            exp/report/$lg/
+DONE

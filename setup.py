@@ -1,0 +1,44 @@
+"""Installs the ``cnn_mellin`` package, its ``conf/`` files and the ``cnn-mellin`` command."""
+
+import re
+from pathlib import Path
+
+from setuptools import find_packages, setup
+
+version = re.search(
+    r'__version__ = "([^"]+)"', Path("cnn_mellin/__init__.py").read_text()
+).group(1)
+
+setup(
+    name="cnn-mellin",
+    version=version,
+    description="Hyperparameter search for CTC acoustic models with linear or Mellin "
+    "correlation layers, on shared Optuna studies",
+    long_description=Path("README.md").read_text(),
+    long_description_content_type="text/markdown",
+    python_requires=">=3.10",
+    packages=find_packages(include=["cnn_mellin", "cnn_mellin.*"]) + ["cnn_mellin._conf"],
+    package_dir={"cnn_mellin._conf": "conf"},
+    package_data={
+        "cnn_mellin._conf": ["feats/*.json", "optim/*.ini"],
+        "cnn_mellin.data": ["timit/*"],
+    },
+    install_requires=[
+        "torch==2.11.0",
+        "torchaudio==2.11.0",
+        "optuna>=5,<6",
+        "sqlalchemy>=2,<3",
+        "pymysql",
+        "psycopg2-binary",
+        "h5py",
+        "numpy",
+        "scipy",
+        "pandas",
+        "plotly",
+        "tqdm",
+        "scikit-learn",
+        "soundfile",
+    ],
+    extras_require={"dev": ["pytest", "ruff"]},
+    entry_points={"console_scripts": ["cnn-mellin = cnn_mellin.cli:main"]},
+)

@@ -1,0 +1,79 @@
+"""A cheap trial task for worker-loop tests (real storages and processes, no training).
+
+Its value is a smooth function of a few parameters. It runs ``training.num_epochs``
+epochs of ``FAKE_EPOCH_S`` seconds each (environment variable, default 0), writes an
+epoch checkpoint so a retry resumes, and misbehaves on request: optimizer ``sgd`` runs
+out of memory, ``rmsprop`` reports a NaN, ``adamw`` raises the error ``FAKE_ADAMW_ERROR``
+names (``bug``, ``data`` or ``config``) when that is set. Memory needed:
+``data.batch_size`` MB. It does not import torch, so its worker processes start fast.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import time
+
+from cnn_mellin.errors import ConfigError, DataError
+from cnn_mellin.tasks import MemoryFigure, Task, TaskResult
+
+MB = 1_000_000
+
+
+def fake_value(config) -> float:
+    """The trial value of ``config``: best near learning rate 1e-3 and batch size 16."""
+    lr = config["training.learning_rate"]
+    return (math.log10(lr) + 3.0) ** 2 + abs(config["data.batch_size"] - 16) / 16
+
+
+class FakeTask(Task):
+    name = "fake"
+
+    @classmethod
+    def prepare(cls, data_dir, config, dev_proportion):
+        if not data_dir.is_dir():
+            raise DataError(f"{data_dir}: no such directory")
+        return {"num_coeffs": 41, "data_dir": str(data_dir), "dev_proportion": dev_proportion}
+
+    def check(self, config):
+        if config["model.window_size"] < config["model.window_stride"]:
+            raise ConfigError("window_size must be at least window_stride")
+
+    def repair(self, config):
+        if config["model.window_size"] < config["model.window_stride"]:
+            return config.replace({"model.window_size": config["model.window_stride"]})
+        return config
+
+    def max_epochs(self, config, searched):
+        return config["training.num_epochs"]
+
+    def peak_memory(self, config, device):
+        return MemoryFigure(config["data.batch_size"] * MB, "estimated")
+
+    def run(self, config, context):
+        epoch_s = float(os.environ.get("FAKE_EPOCH_S", "0"))
+        optimizer = config["training.optimizer"]
+        error = os.environ.get("FAKE_ADAMW_ERROR") if optimizer == "adamw" else None
+        if error == "bug":
+            raise ZeroDivisionError("fake bug")
+        if error == "data":
+            raise DataError("fake data went missing")
+        if error == "config":
+            raise ConfigError("fake combination that cannot train")
+        context.checkpoint_dir.mkdir(parents=True, exist_ok=True)
+        state = context.checkpoint_dir / "epoch"
+        start = int(state.read_text()) if state.exists() else 0
+        value = fake_value(config)
+        epochs = config["training.num_epochs"]
+        for epoch in range(start + 1, epochs + 1):
+            time.sleep(epoch_s)
+            if optimizer == "sgd":
+                raise MemoryError("fake allocation failure")
+            tmp = state.with_suffix(".tmp")
+            tmp.write_text(str(epoch))
+            os.replace(tmp, state)
+            context.report(epoch, float("nan") if optimizer == "rmsprop" else value + 1 / epoch)
+        return TaskResult(
+            value=value, epochs=epochs, peak_bytes=config["data.batch_size"] * MB,
+            resumed_from_epoch=start or None,
+        )

@@ -1,0 +1,174 @@
+"""The ``asr`` task behind the worker: admission, divergence, OOM, and live multi-worker runs."""
+
+from __future__ import annotations
+
+import os
+import signal
+import time
+
+import pytest
+import torch
+from optuna.trial import TrialState
+
+from cnn_mellin.config import Config
+from cnn_mellin.optim.heartbeat import WORKER_ATTR
+from cnn_mellin.optim.study import build_settings, init_study
+from cnn_mellin.optim.worker import run_worker
+from tests.optim_helpers import load, start_worker, states, wait_all
+from tests.training_fixtures import tiny_config, write_store
+
+pytest_plugins = ("tests.optim_fixtures",)  # the database fixtures
+pytestmark = pytest.mark.db
+
+
+def _asr_study(url, tmp_path, name="asr", num_trials=2, limit=None, config=None, data=None,
+               **options):
+    data = data or write_store(tmp_path / "train", 24, seed=0)
+    settings = build_settings(
+        config or tiny_config(num_epochs=2), data, task="asr",
+        whitelist=["training.learning_rate", "model.recurrent_size"], num_trials=num_trials,
+        mem_limit_bytes=limit, pruner="none", checkpoint_dir=tmp_path / "ckpt" / name,
+        heartbeat_interval=1.0, dev_proportion=0.25, **options,
+    )
+    init_study(url, name, settings)
+    return settings
+
+
+def test_over_limit_configurations_are_pruned_before_training(tmp_path):
+    url = str(tmp_path / "s.journal")
+    _asr_study(url, tmp_path, limit=1000)
+    summary = run_worker(url, "asr", seed=0)
+    assert summary.outcomes == {"pruned": 2}
+    for trial in load(url, "asr").get_trials():
+        assert trial.user_attrs["prune_kind"] == "memory"
+        needed = trial.user_attrs["admission_bytes"]
+        assert needed > 1000 and trial.user_attrs["admission_method"] == "estimated"
+        assert trial.user_attrs["prune_reason"] == (
+            f"needs {needed} bytes (estimated) on cpu, over the limit of 1000 bytes")
+        assert trial.user_attrs["epochs"] == 0 and not trial.intermediate_values
+        assert trial.system_attrs["constraints:memory"] == pytest.approx(needed / 1000 - 1)
+    assert not (tmp_path / "ckpt" / "asr").exists()  # nothing was trained
+
+
+@pytest.mark.parametrize("how, kind, reason", [
+    ("diverge", "diverged", "diverged: 20 consecutive non-finite steps"),
+    ("nan", "nonfinite", "non-finite value nan at epoch 1"),
+])
+def test_non_finite_training_is_pruned_with_the_reason(tmp_path, monkeypatch, how, kind,
+                                                       reason):
+    import cnn_mellin.training as training
+
+    def non_finite(config, *args, epoch_callback=None, **kwargs):
+        if how == "diverge":
+            raise training.TrainingDiverged("20 consecutive non-finite steps")
+        epoch_callback(1, float("nan"), float("nan"))
+        raise AssertionError("the report of a NaN must stop training")
+
+    monkeypatch.setattr(training, "train", non_finite)
+    url = str(tmp_path / "s.journal")
+    _asr_study(url, tmp_path)
+    summary = run_worker(url, "asr", seed=0)
+    assert summary.exit_code == 0 and summary.outcomes == {"pruned": 2}
+    for trial in load(url, "asr").get_trials():
+        assert trial.user_attrs["prune_kind"] == kind
+        assert trial.user_attrs["prune_reason"] == reason
+
+
+def test_out_of_memory_is_pruned_and_the_worker_carries_on(tmp_path, monkeypatch):
+    import cnn_mellin.training as training
+
+    def out_of_memory(config, *args, epoch_callback=None, **kwargs):
+        epoch_callback(1, 1.0, 0.5)
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+
+    monkeypatch.setattr(training, "train", out_of_memory)
+    url = str(tmp_path / "s.journal")
+    _asr_study(url, tmp_path, limit=10**9)
+    summary = run_worker(url, "asr", seed=0)
+    assert summary.exit_code == 0 and summary.outcomes == {"pruned": 2}
+    for trial in load(url, "asr").get_trials():
+        assert trial.user_attrs["prune_kind"] == "oom"
+        assert trial.user_attrs["prune_reason"] == \
+            "out of memory: CUDA out of memory. Tried to allocate 2.00 GiB"
+        assert trial.intermediate_values == {1: 0.5}
+        assert trial.system_attrs["constraints:memory"] == 1.0
+
+
+def test_worker_refuses_data_that_vanished(tmp_path, cli):
+    import shutil
+
+    url = str(tmp_path / "s.journal")
+    _asr_study(url, tmp_path)
+    shutil.rmtree(tmp_path / "train")
+    code, _, err = cli("--device", "cpu", "optim", url, "run")
+    assert code == 2 and err.count("\n") == 1 and "does not exist" in err, err
+    assert states(load(url, "asr")) == {"WAITING": 2}
+
+
+def test_completed_asr_trial_records_the_model(tmp_path):
+    url = str(tmp_path / "s.journal")
+    _asr_study(url, tmp_path, num_trials=1)
+    assert run_worker(url, "asr", seed=1).outcomes == {"complete": 1}
+    [trial] = load(url, "asr").get_trials()
+    attrs = trial.user_attrs
+    assert 0.0 <= trial.value <= 1.0 and trial.value == min(trial.intermediate_values.values())
+    assert attrs["epochs"] == 2 and attrs["best_epoch"] in (1, 2)
+    assert os.path.isfile(attrs["model_path"])
+    assert attrs["peak_bytes"] == attrs["admission_bytes"] > 0
+    assert attrs["peak_bytes_method"] == "estimated" and attrs["worker"]["device"] == "cpu"
+    assert Config(load(url, "asr").user_attrs["base_config"])["training.num_epochs"] == 2
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("kind", ["journal", "postgresql", "mariadb"])
+def test_four_workers_one_killed_budget_exact_and_resumed(kind, tmp_path, request):
+    if kind == "journal":
+        url = str(tmp_path / "studies.journal")
+    else:
+        url = request.getfixturevalue("pg_db" if kind == "postgresql" else "my_db")[0]
+    _asr_study(url, tmp_path, name="live", num_trials=5, config=tiny_config(num_epochs=4),
+               data=write_store(tmp_path / "train", 24, seed=0))
+    workers = [start_worker(url, "live") for _ in range(4)]
+    deadline = time.monotonic() + 240
+    victim = None
+    while victim is None and time.monotonic() < deadline:
+        for trial in load(url, "live").get_trials(states=(TrialState.RUNNING,)):
+            # one epoch checkpointed, three to go: it is surely mid-trial when killed
+            if list(trial.intermediate_values) == [1] and WORKER_ATTR in trial.user_attrs:
+                victim = trial
+                break
+        time.sleep(0.05)
+    assert victim is not None, wait_all(workers, timeout=1)
+    pid = victim.user_attrs[WORKER_ATTR]["pid"]
+    os.kill(pid, signal.SIGKILL)
+    results = wait_all(workers, timeout=600)
+    codes = {p.pid: code for p, (code, _) in zip(workers, results, strict=True)}
+    assert codes.pop(pid) == -signal.SIGKILL
+    assert set(codes.values()) == {0}, results
+    study = load(url, "live")
+    counts = states(study)
+    assert counts.get("COMPLETE", 0) + counts.get("PRUNED", 0) == 5, counts
+    failures = {t.number: t.user_attrs.get("fail_reason")
+                for t in study.get_trials(states=(TrialState.FAIL,))}
+    assert counts["FAIL"] == 1 and set(counts) <= {"COMPLETE", "PRUNED", "FAIL"}, failures
+    [failed] = study.get_trials(states=(TrialState.FAIL,))
+    assert failed.number == victim.number and failed.user_attrs["fail_kind"] == "dead"
+    host = failed.user_attrs[WORKER_ATTR]["host"]
+    assert failed.user_attrs["fail_reason"] == f"worker {host}:{pid} died"
+    [retry] = [t for t in study.get_trials() if t.user_attrs.get("retry_of") == victim.number]
+    assert retry.state == TrialState.COMPLETE and retry.params == failed.params
+    assert retry.user_attrs[WORKER_ATTR]["pid"] != pid
+    assert retry.user_attrs["resumed_from_epoch"] >= 1
+    assert sorted(retry.intermediate_values) == [1, 2, 3, 4]
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_admission_is_measured_on_cuda(tmp_path):
+    url = str(tmp_path / "s.journal")
+    _asr_study(url, tmp_path, num_trials=1, limit=10**10)
+    assert run_worker(url, "asr", device="cuda", seed=0).outcomes == {"complete": 1}
+    [trial] = load(url, "asr").get_trials()
+    assert trial.user_attrs["admission_method"] == "measured"
+    assert trial.user_attrs["peak_bytes_method"] == "measured during training"
+    assert 0 < trial.user_attrs["admission_bytes"] < 10**10
+    assert trial.user_attrs["worker"]["device"] == "cuda"

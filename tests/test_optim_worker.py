@@ -1,0 +1,335 @@
+"""The worker loop on real storages with a cheap task: outcomes, budget, deaths, retries."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import time
+
+import optuna
+import pytest
+from optuna.trial import TrialState
+
+from cnn_mellin.errors import DataError
+from cnn_mellin.optim import budget
+from cnn_mellin.optim.heartbeat import BEAT_KEY, WORKER_ATTR, Monitor, StaleWatch, WorkerIdentity
+from cnn_mellin.optim.study import checkpoint_root, read_settings
+from cnn_mellin.optim.worker import run_worker
+from tests.optim_helpers import (
+    fake_study,
+    load,
+    start_worker,
+    states,
+    wait_all,
+)
+
+pytest_plugins = ("tests.optim_fixtures",)  # the database fixtures
+pytestmark = pytest.mark.db
+
+
+def _journal(tmp_path):
+    return str(tmp_path / "studies.journal")
+
+
+def test_recreated_study_does_not_resume_the_old_studys_checkpoints(tmp_path):
+    # a study deleted and created again under the same name (the recipe clears results with
+    # "drop database") used to find its predecessor's trial-N checkpoints and resume them
+    url = _journal(tmp_path)
+    fake_study(url, tmp_path, num_trials=2, whitelist=["training.learning_rate"])
+    assert run_worker(url, "fake", seed=1).exit_code == 0
+    old_root = checkpoint_root(load(url, "fake"), read_settings(load(url, "fake")))
+    optuna.delete_study(study_name="fake", storage=load(url, "fake")._storage)
+    fake_study(url, tmp_path, num_trials=2, whitelist=["training.learning_rate"])
+    assert run_worker(url, "fake", seed=2).exit_code == 0
+    study = load(url, "fake")
+    assert checkpoint_root(study, read_settings(study)) != old_root
+    for trial in study.get_trials():
+        assert trial.state == TrialState.COMPLETE
+        assert trial.user_attrs.get("resumed_from_epoch") is None
+
+
+def test_first_trial_tries_the_base_configuration(tmp_path):
+    # a stage initialised from an earlier stage's best .ini starts from that configuration
+    url = _journal(tmp_path)
+    fake_study(url, tmp_path, num_trials=3, whitelist=["training.learning_rate"],
+               base={"training.learning_rate": 0.0123})
+    assert run_worker(url, "fake", seed=3).exit_code == 0
+    trials = sorted(load(url, "fake").get_trials(), key=lambda t: t.number)
+    assert trials[0].params == {"training.learning_rate": 0.0123}
+    assert all(t.params["training.learning_rate"] != 0.0123 for t in trials[1:])
+
+
+def test_complete_trials_record_their_facts(tmp_path):
+    url = _journal(tmp_path)
+    fake_study(url, tmp_path, num_trials=3, whitelist=["training.learning_rate"],
+               mem_limit_bytes=10**9)
+    summary = run_worker(url, "fake", sampler="random", seed=1)
+    assert summary.exit_code == 0 and summary.outcomes == {"complete": 3}
+    for trial in load(url, "fake").get_trials():
+        assert trial.state == TrialState.COMPLETE
+        attrs = trial.user_attrs
+        assert attrs["epochs"] == 3 and attrs["worker"]["device"] == "cpu"
+        assert attrs["worker"]["host"] == socket.gethostname()
+        assert attrs["wall_time_s"] >= 0 and attrs["peak_bytes"] == 16_000_000
+        assert attrs["admission_bytes"] == 16_000_000
+        assert attrs["admission_method"] == "estimated"
+        assert sorted(trial.intermediate_values) == [1, 2, 3]
+        assert trial.system_attrs["constraints:memory"] <= 0
+        assert attrs[WORKER_ATTR]["pid"] == os.getpid()
+
+
+@pytest.mark.parametrize("base, limit, kind, reason", [
+    ({"data.batch_size": 64}, 40_000_000, "memory",
+     "needs 64000000 bytes (estimated) on cpu, over the limit of 40000000 bytes"),
+    ({"training.optimizer": "sgd"}, None, "oom", "out of memory: fake allocation failure"),
+    ({"training.optimizer": "rmsprop"}, None, "nonfinite", "non-finite value nan at epoch 1"),
+    ({"model.window_size": 2, "model.window_stride": 4}, None, "invalid",
+     "invalid configuration: window_size must be at least window_stride"),
+])
+def test_bad_trials_are_pruned_with_reasons(tmp_path, base, limit, kind, reason):
+    url = _journal(tmp_path)
+    fake_study(url, tmp_path, num_trials=2, whitelist=["training.learning_rate"], base=base,
+               mem_limit_bytes=limit)
+    summary = run_worker(url, "fake", seed=0)
+    assert summary.exit_code == 0 and summary.outcomes == {"pruned": 2}  # worker carried on
+    for trial in load(url, "fake").get_trials():
+        assert trial.state == TrialState.PRUNED
+        assert trial.user_attrs["prune_kind"] == kind
+        assert trial.user_attrs["prune_reason"] == reason
+    if kind == "memory":
+        assert trial.user_attrs["admission_bytes"] == 64_000_000
+        assert trial.user_attrs["epochs"] == 0  # pruned before any training
+        assert trial.system_attrs["constraints:memory"] == pytest.approx(0.6)
+        assert not (tmp_path / "ckpt" / "fake").exists()
+
+
+def test_errors_fail_and_are_replaced_then_the_worker_stops(tmp_path, monkeypatch):
+    url = _journal(tmp_path)
+    monkeypatch.setenv("FAKE_ADAMW_ERROR", "bug")
+    fake_study(url, tmp_path, num_trials=4, whitelist=["training.learning_rate"],
+               base={"training.optimizer": "adamw"})
+    summary = run_worker(url, "fake")
+    assert summary.exit_code == 1 and summary.outcomes == {"failed": 3}
+    study = load(url, "fake")
+    assert states(study) == {"FAIL": 3, "WAITING": 4}
+    for trial in study.get_trials(states=(TrialState.FAIL,)):
+        assert trial.user_attrs["fail_kind"] == "error"
+        assert trial.user_attrs["fail_reason"] == "ZeroDivisionError: fake bug"
+    replaced = sorted(t.user_attrs["replaces"] for t in study.get_trials()
+                      if "replaces" in t.user_attrs)
+    assert replaced == [t.number for t in study.get_trials(states=(TrialState.FAIL,))]
+
+
+def test_data_error_requeues_the_trial_and_stops_the_worker(tmp_path, monkeypatch):
+    url = _journal(tmp_path)
+    monkeypatch.setenv("FAKE_ADAMW_ERROR", "data")
+    fake_study(url, tmp_path, num_trials=2, whitelist=["training.learning_rate"],
+               base={"training.optimizer": "adamw"})
+    with pytest.raises(DataError, match="fake data went missing"):
+        run_worker(url, "fake")
+    study = load(url, "fake")
+    [failed] = study.get_trials(states=(TrialState.FAIL,))
+    assert failed.user_attrs["fail_kind"] == "interrupted"
+    [retry] = [t for t in study.get_trials() if t.user_attrs.get("retry_of") == failed.number]
+    assert retry.state == TrialState.WAITING and retry.user_attrs["retry_count"] == 0
+    assert states(study) == {"FAIL": 1, "WAITING": 2}
+
+
+def test_late_config_error_prunes_the_trial(tmp_path, monkeypatch):
+    url = _journal(tmp_path)
+    monkeypatch.setenv("FAKE_ADAMW_ERROR", "config")
+    fake_study(url, tmp_path, num_trials=2, whitelist=["training.learning_rate"],
+               base={"training.optimizer": "adamw"})
+    assert run_worker(url, "fake").outcomes == {"pruned": 2}
+    for trial in load(url, "fake").get_trials():
+        assert trial.user_attrs["prune_kind"] == "invalid"
+        assert trial.user_attrs["prune_reason"] == \
+            "invalid configuration: fake combination that cannot train"
+
+
+def test_tpe_uses_the_memory_constraint(tmp_path):
+    url = _journal(tmp_path)
+    fake_study(url, tmp_path, num_trials=6, whitelist=["data.batch_size",
+                                                       "training.learning_rate"],
+               mem_limit_bytes=30_000_000)
+    assert run_worker(url, "fake", sampler="tpe", seed=5).exit_code == 0
+    study = load(url, "fake")
+    for trial in study.get_trials():
+        assert trial.state in (TrialState.COMPLETE, TrialState.PRUNED)
+        violation = trial.system_attrs["constraints:memory"]
+        assert (violation > 0) == (trial.params["data.batch_size"] * 1_000_000 > 30_000_000)
+
+
+def test_sampling_is_reproducible_per_trial_number(tmp_path):
+    first, second = tmp_path / "a", tmp_path / "b"
+    for where in (first, second):
+        where.mkdir()
+        fake_study(_journal(where), where, num_trials=3, whitelist=["training.learning_rate"])
+        run_worker(_journal(where), "fake", seed=11)
+    params = [[t.params for t in load(_journal(w), "fake").get_trials()] for w in (first, second)]
+    assert params[0] == params[1]
+    assert len({p["training.learning_rate"] for p in params[0]}) == 3
+
+
+def test_orphaned_failure_is_reconciled_and_duplicates_dropped(tmp_path):
+    url = _journal(tmp_path)
+    fake_study(url, tmp_path, num_trials=3, whitelist=["training.learning_rate"])
+    study = load(url, "fake")
+    claimer = budget.SlotClaimer(study, refresh_s=60)
+    orphan = claimer.claim()
+    study._storage.set_trial_state_values(orphan._trial_id, TrialState.FAIL)  # reaper died
+    patient = budget.Reconciler(study, 3, settle_s=60, max_retries=2)
+    assert patient() == 0  # seen once: not yet settled
+    reconcile = budget.Reconciler(study, 3, settle_s=0, max_retries=2)
+    assert reconcile() == 1
+    assert reconcile() == 0 and patient() == 0
+    # a second reconciler that raced the first makes a duplicate replacement
+    budget.replace(study, study._storage.get_trial(orphan._trial_id), "dead", "raced", 2)
+    summary = run_worker(url, "fake")
+    assert summary.outcomes == {"complete": 3, "duplicate": 1}
+    assert states(load(url, "fake")) == {"COMPLETE": 3, "FAIL": 2}
+
+
+def test_stale_watch_needs_unchanged_heartbeats_for_the_grace_period():
+    me = WorkerIdentity.current()
+    other = WorkerIdentity("elsewhere", 1, "1", "boot", "ns", "cuda:0")
+    watch = StaleWatch(me, grace_s=0.3)
+    trial = optuna.trial.create_trial(
+        state=TrialState.RUNNING, user_attrs={WORKER_ATTR: other.to_attr()},
+        system_attrs={BEAT_KEY: 1.0},
+    )
+    trial._trial_id = 7
+    assert watch.check([trial]) == []
+    time.sleep(0.4)
+    trial.system_attrs[BEAT_KEY] = 2.0  # a fresh heartbeat resets the clock
+    assert watch.check([trial]) == []
+    time.sleep(0.4)
+    [(stale, reason)] = watch.check([trial])
+    assert stale is trial and "no heartbeat from worker elsewhere:1" in reason
+    mine = optuna.trial.create_trial(state=TrialState.RUNNING,
+                                     user_attrs={WORKER_ATTR: me.to_attr()})
+    mine._trial_id = 8
+    assert watch.check([mine]) == [] and (time.sleep(0.4) or watch.check([mine]) == [])
+
+
+def test_heartbeat_on_a_finished_trial_marks_it_lost(tmp_path):
+    url = _journal(tmp_path)
+    fake_study(url, tmp_path, num_trials=1, whitelist=["training.learning_rate"])
+    study = load(url, "fake")
+    trial = budget.SlotClaimer(study, 60).claim()
+    monitor = Monitor(study, WorkerIdentity.current(), 1.0, 3.0, 1, 2)
+    monitor.own(trial._trial_id)
+    monitor.beat()
+    assert not monitor.lost(trial._trial_id)
+    study._storage.set_trial_state_values(trial._trial_id, TrialState.FAIL)
+    monitor.beat()
+    assert monitor.lost(trial._trial_id)
+
+
+@pytest.mark.slow
+def test_four_processes_end_with_exactly_the_budget(any_url, tmp_path):
+    fake_study(any_url, tmp_path, name="four", num_trials=14, mem_limit_bytes=50_000_000)
+    workers = [start_worker(any_url, "four", seed=0, FAKE_EPOCH_S=0.05)
+               for _ in range(4)]
+    results = wait_all(workers)
+    assert [code for code, _ in results] == [0] * 4, results
+    counts = states(load(any_url, "four"))
+    assert counts.get("COMPLETE", 0) + counts.get("PRUNED", 0) == 14, counts
+    assert set(counts) <= {"COMPLETE", "PRUNED"}, counts
+
+
+def _wait_for_progress(url, name, min_epoch, timeout=120):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        for trial in load(url, name).get_trials(states=(TrialState.RUNNING,)):
+            if WORKER_ATTR in trial.user_attrs and \
+                    max(trial.intermediate_values, default=0) >= min_epoch:
+                return trial
+        time.sleep(0.2)
+    raise AssertionError("no trial got far enough")
+
+
+@pytest.mark.slow
+def test_killed_worker_trial_is_retried_from_its_checkpoint(any_url, tmp_path):
+    fake_study(any_url, tmp_path, name="kill", num_trials=4, whitelist=["training.learning_rate"],
+               base={"training.num_epochs": 5})
+    workers = [start_worker(any_url, "kill", FAKE_EPOCH_S=0.4) for _ in range(2)]
+    try:
+        victim = _wait_for_progress(any_url, "kill", 2)
+    except AssertionError:
+        wait_all(workers, timeout=1)
+        raise
+    pid = victim.user_attrs[WORKER_ATTR]["pid"]
+    os.kill(pid, signal.SIGKILL)
+    results = wait_all(workers)
+    by_pid = {p.pid: code for p, (code, _) in zip(workers, results, strict=True)}
+    assert by_pid.pop(pid) == -signal.SIGKILL and list(by_pid.values()) == [0], results
+    study = load(any_url, "kill")
+    failed = study.get_trials(states=(TrialState.FAIL,))
+    assert [t.number for t in failed] == [victim.number]
+    assert failed[0].user_attrs["fail_kind"] == "dead"
+    assert f"worker {failed[0].user_attrs[WORKER_ATTR]['host']}:{pid} died" in \
+        failed[0].user_attrs["fail_reason"]
+    [retry] = [t for t in study.get_trials() if t.user_attrs.get("retry_of") == victim.number]
+    assert retry.state == TrialState.COMPLETE
+    assert retry.params == failed[0].params
+    assert retry.user_attrs[WORKER_ATTR]["pid"] != pid
+    resumed = retry.user_attrs["resumed_from_epoch"]
+    assert resumed >= 2
+    assert sorted(retry.intermediate_values) == [1, 2, 3, 4, 5]  # kept from the failed try
+    root = checkpoint_root(study, read_settings(study))
+    assert root.parent == tmp_path / "ckpt" / "kill"
+    assert (root / f"trial-{victim.number}" / "epoch").read_text() == "5"
+    counts = states(study)
+    assert counts.get("COMPLETE", 0) + counts.get("PRUNED", 0) == 4 and counts["FAIL"] == 1
+
+
+@pytest.mark.slow
+def test_sigterm_requeues_the_trial_and_a_later_worker_resumes_it(tmp_path):
+    url = _journal(tmp_path)
+    fake_study(url, tmp_path, name="term", num_trials=2, whitelist=["training.learning_rate"],
+               base={"training.num_epochs": 4})
+    [worker] = [start_worker(url, "term", FAKE_EPOCH_S=0.4)]
+    victim = _wait_for_progress(url, "term", 1)
+    worker.send_signal(signal.SIGTERM)
+    [(code, err)] = wait_all([worker])
+    assert code == 128 + signal.SIGTERM, err
+    study = load(url, "term")
+    failed = study._storage.get_trial(victim._trial_id)
+    assert failed.state == TrialState.FAIL and failed.user_attrs["fail_kind"] == "interrupted"
+    [(code, err)] = wait_all([start_worker(url, "term", FAKE_EPOCH_S=0.05)])
+    assert code == 0, err
+    study = load(url, "term")
+    [retry] = [t for t in study.get_trials() if t.user_attrs.get("retry_of") == victim.number]
+    assert retry.state == TrialState.COMPLETE and retry.user_attrs["resumed_from_epoch"] >= 1
+    assert "retry_count" in retry.user_attrs and retry.user_attrs["retry_count"] == 0
+    assert states(study) == {"COMPLETE": 2, "FAIL": 1}
+
+
+@pytest.mark.slow
+def test_local_workers_share_the_budget_and_sigterm_reaches_them(tmp_path):
+    url = _journal(tmp_path)
+    fake_study(url, tmp_path, name="pool", num_trials=4, whitelist=["training.learning_rate"])
+    [(code, err)] = wait_all([start_worker(url, "pool", "--workers", "2")])
+    assert code == 0, err
+    assert states(load(url, "pool")) == {"COMPLETE": 4}
+    fake_study(url, tmp_path, name="slow", num_trials=4, whitelist=["training.learning_rate"],
+               base={"training.num_epochs": 20})
+    parent = start_worker(url, "slow", "--workers", "2", FAKE_EPOCH_S=0.3)
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        running = load(url, "slow").get_trials(states=(TrialState.RUNNING,))
+        if len(running) == 2 and all(t.intermediate_values for t in running):
+            break
+        time.sleep(0.1)
+    parent.send_signal(signal.SIGTERM)
+    [(code, err)] = wait_all([parent])
+    assert code == 128 + signal.SIGTERM, err
+    study = load(url, "slow")
+    failed = study.get_trials(states=(TrialState.FAIL,))
+    assert len(failed) == 2 and {t.user_attrs["fail_kind"] for t in failed} == {"interrupted"}
+    retries = {t.user_attrs["retry_of"] for t in study.get_trials(states=(TrialState.WAITING,))
+               if "retry_of" in t.user_attrs}
+    assert retries == {t.number for t in failed}
+    assert states(study) == {"FAIL": 2, "WAITING": 4}
