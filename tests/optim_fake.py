@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import math
 import os
+import signal
 import time
 
 from cnn_mellin.errors import ConfigError, DataError
@@ -65,6 +66,8 @@ class FakeTask(Task):
         start = int(state.read_text()) if state.exists() else 0
         value = fake_value(config)
         epochs = config["training.num_epochs"]
+        for epoch in range(1, start + 1):  # replayed: the kill may have come before the report
+            context.report(epoch, value + 1 / epoch)
         for epoch in range(start + 1, epochs + 1):
             time.sleep(epoch_s)
             if optimizer == "sgd":
@@ -72,6 +75,8 @@ class FakeTask(Task):
             tmp = state.with_suffix(".tmp")
             tmp.write_text(str(epoch))
             os.replace(tmp, state)
+            if os.environ.get("FAKE_DIE_BEFORE_REPORT") == str(epoch):
+                os.kill(os.getpid(), signal.SIGKILL)  # checkpointed, never reported
             context.report(epoch, float("nan") if optimizer == "rmsprop" else value + 1 / epoch)
         return TaskResult(
             value=value, epochs=epochs, peak_bytes=config["data.batch_size"] * MB,

@@ -286,6 +286,24 @@ def test_killed_worker_trial_is_retried_from_its_checkpoint(any_url, tmp_path):
 
 
 @pytest.mark.slow
+def test_epoch_checkpointed_but_not_reported_before_a_kill_is_reported_by_the_retry(tmp_path):
+    url = _journal(tmp_path)
+    fake_study(url, tmp_path, name="gap", num_trials=1, whitelist=["training.learning_rate"],
+               base={"training.num_epochs": 4})
+    [(code, err)] = wait_all([start_worker(url, "gap", FAKE_DIE_BEFORE_REPORT="2")])
+    assert code == -signal.SIGKILL, err
+    [(code, err)] = wait_all([start_worker(url, "gap")])
+    assert code == 0, err
+    study = load(url, "gap")
+    [failed] = study.get_trials(states=(TrialState.FAIL,))
+    assert sorted(failed.intermediate_values) == [1]
+    [retry] = study.get_trials(states=(TrialState.COMPLETE,))
+    assert retry.user_attrs["retry_of"] == failed.number
+    assert retry.user_attrs["resumed_from_epoch"] == 2
+    assert sorted(retry.intermediate_values) == [1, 2, 3, 4]
+
+
+@pytest.mark.slow
 def test_sigterm_requeues_the_trial_and_a_later_worker_resumes_it(tmp_path):
     url = _journal(tmp_path)
     fake_study(url, tmp_path, name="term", num_trials=2, whitelist=["training.learning_rate"],

@@ -113,7 +113,13 @@ def test_callback_sees_each_epoch_and_its_exception_stops_cleanly_then_resume_ma
     assert seen[1][2] == straight.history[1]["dev_error"]
     assert load_checkpoint_file(tmp_path / "cut" / "last.pt")["epoch"] == 2
 
-    resumed = train(config, train_dir, dev_dir, model_dir=tmp_path / "cut")
+    # the restored epochs are replayed first: a process killed between checkpoint and
+    # callback must not lose that epoch's report
+    seen.clear()
+    resumed = train(config, train_dir, dev_dir, model_dir=tmp_path / "cut",
+                    epoch_callback=lambda *args: seen.append(args))
+    assert [s[0] for s in seen] == [1, 2, 3, 4]
+    assert [s[2] for s in seen] == [h["dev_error"] for h in straight.history]
     assert resumed.resumed_from_epoch == 2 and resumed.epochs_run == 4
     assert straight.resumed_from_epoch is None
     assert _same_weights(_weights(tmp_path / "straight"), _weights(tmp_path / "cut"))

@@ -54,7 +54,9 @@ class TrialContext:
 
     ``report(epoch, value)`` records an intermediate value and raises
     ``optuna.TrialPruned`` when the pruner says stop; ``checkpoint_dir`` belongs to this
-    trial (and its retries) and outlives the worker process.
+    trial (and its retries) and outlives the worker process. A task resuming from that
+    directory reports the restored epochs again first (a worker killed between checkpoint
+    and report lost them); repeats of an epoch already recorded are ignored.
     """
 
     device: str

@@ -144,6 +144,11 @@ def train(
     takes its place for model selection, schedules and early stopping, and the dev
     error is reported as NaN. ``model_dir/model.pt`` is the best epoch by that measure;
     ``model_dir/last.pt`` resumes training.
+
+    ``epoch_callback(epoch, train_loss, dev_error)`` runs after each epoch's checkpoint; on
+    resume it is first replayed for the epochs restored from the checkpoint, since a process
+    killed between writing a checkpoint and the callback would otherwise lose that epoch's
+    report. Callers that keep reports across restarts must ignore repeats.
     """
     from cnn_mellin.data.loader import make_loader
     from cnn_mellin.model import AcousticModel, check_model_config
@@ -212,6 +217,10 @@ def train(
     if state is not None:
         stepper.scaler.load_state_dict(state["scaler"])
     resumed_from = epoch if state is not None else None
+
+    if epoch_callback is not None:
+        for past in history:
+            epoch_callback(past["epoch"], past["train_loss"], past["dev_error"])
 
     gen = torch.Generator()
     num_epochs = tp["num_epochs"]
