@@ -2,18 +2,25 @@
 
 from __future__ import annotations
 
+import threading
+
 import optuna
 import pytest
 
 from cnn_mellin.optim.storage import (
     DEFAULT_JOURNAL,
+    DatabaseUnreachable,
+    OutageTolerantStorage,
     StorageError,
     display_url,
+    is_connection_loss,
     load_study,
     open_storage,
+    outage_recoveries,
     parse_url,
 )
 from tests.optim_helpers import my_kill, pg_tables, pg_terminate
+from tests.tcp_proxy import CuttableProxy
 
 pytest_plugins = ("tests.optim_fixtures",)  # the database fixtures
 pytestmark = pytest.mark.db
@@ -100,3 +107,85 @@ def test_mysql_read_default_file_with_tilde(my_db, tmp_path, monkeypatch):
     storage = open_storage(f"mysql+pymysql:///{name}?read_default_file=~/.my.cnf", create=True)
     optuna.create_study(study_name="via-cnf", storage=storage)
     assert [s.study_name for s in storage.get_all_studies()] == ["via-cnf"]
+
+
+def _lost(text="server closed the connection unexpectedly"):
+    from sqlalchemy.exc import OperationalError
+
+    return OperationalError("SELECT 1", {}, Exception(text))
+
+
+class _Flaky:
+    """A storage whose ``get_all_studies`` fails with ``errors`` before answering."""
+
+    def __init__(self, errors):
+        self.errors = list(errors)
+        self.calls = 0
+
+    def get_all_studies(self):
+        self.calls += 1
+        if self.errors:
+            raise self.errors.pop(0)
+        return ["ok"]
+
+
+def test_outage_tolerant_storage_retries_connection_losses_with_growing_pauses():
+    pauses = []
+    wrapped = _Flaky([_lost(), _lost(), _lost()])
+    storage = OutageTolerantStorage(wrapped, "db", 60, sleep=pauses.append)
+    assert storage.get_all_studies() == ["ok"] and wrapped.calls == 4
+    assert pauses == sorted(pauses) and pauses[0] < pauses[-1] and len(pauses) == 3
+    assert storage.recoveries == 1
+
+
+def test_outage_tolerant_storage_sees_connection_losses_inside_optuna_errors():
+    from optuna.exceptions import StorageInternalError
+
+    try:
+        try:
+            raise _lost()
+        except Exception as err:
+            raise StorageInternalError("An exception is raised during the commit.") from err
+    except StorageInternalError as wrapped:
+        assert is_connection_loss(wrapped)
+    assert not is_connection_loss(ValueError("bad value"))
+
+
+@pytest.mark.parametrize("error", [ValueError("bad"), KeyError("no such trial")])
+def test_outage_tolerant_storage_passes_other_errors_at_once(error):
+    pauses = []
+    storage = OutageTolerantStorage(_Flaky([error]), "db", 60, sleep=pauses.append)
+    with pytest.raises(type(error)):
+        storage.get_all_studies()
+    assert pauses == [] and storage.recoveries == 0
+
+
+def test_outage_longer_than_allowed_is_a_one_line_error_and_later_calls_fail_fast():
+    storage = OutageTolerantStorage(_Flaky([_lost()] * 1000), "postgresql://u@h/db", 0.3)
+    with pytest.raises(DatabaseUnreachable) as err:
+        storage.get_all_studies()
+    message = str(err.value)
+    assert "unreachable for" in message and "\n" not in message
+    assert "server closed the connection unexpectedly" in message
+    calls = storage._storage.calls
+    with pytest.raises(DatabaseUnreachable):
+        storage.get_all_studies()
+    assert storage._storage.calls == calls + 1  # no second wait
+
+
+@pytest.mark.parametrize("kind", ["postgresql", "mariadb"])
+def test_storage_rides_out_a_cut_connection(kind, request):
+    url = request.getfixturevalue("pg_db" if kind == "postgresql" else "my_db")[0]
+    optuna.create_study(study_name="s", storage=open_storage(url, create=True))
+    proxy = CuttableProxy(5432 if kind == "postgresql" else 3306)
+    try:
+        storage = open_storage(proxy.url(url), max_outage_s=60)
+        study = optuna.load_study(study_name="s", storage=storage)
+        proxy.cut()
+        threading.Timer(2.0, proxy.restore).start()
+        study.set_user_attr("written", "after the outage")  # blocks until the link is back
+        assert [s.user_attrs for s in storage.get_all_studies()] == [
+            {"written": "after the outage"}]
+        assert outage_recoveries(storage) == 1
+    finally:
+        proxy.close()

@@ -23,6 +23,7 @@ from tests.optim_helpers import (
     states,
     wait_all,
 )
+from tests.tcp_proxy import CuttableProxy
 
 pytest_plugins = ("tests.optim_fixtures",)  # the database fixtures
 pytestmark = pytest.mark.db
@@ -213,6 +214,29 @@ def test_stale_watch_needs_unchanged_heartbeats_for_the_grace_period():
     assert watch.check([mine]) == [] and (time.sleep(0.4) or watch.check([mine]) == [])
 
 
+def test_monitor_that_lost_the_database_restarts_its_heartbeat_clocks(tmp_path, monkeypatch):
+    from cnn_mellin.optim import heartbeat
+
+    url = _journal(tmp_path)
+    fake_study(url, tmp_path, num_trials=1, whitelist=["training.learning_rate"])
+    study = load(url, "fake")
+    trial = budget.SlotClaimer(study, 60).claim()
+    other = WorkerIdentity("elsewhere", 1, "1", "boot", "ns", "cpu")
+    study._storage.set_trial_user_attr(trial._trial_id, WORKER_ATTR, other.to_attr())
+    study._storage.set_trial_system_attr(trial._trial_id, BEAT_KEY, 1.0)
+    recoveries = [0]
+    monkeypatch.setattr(heartbeat, "outage_recoveries", lambda storage: recoveries[0])
+    monitor = Monitor(study, WorkerIdentity.current(), 0.1, 0.3, 1, 2)
+    assert monitor.reap() == 0
+    time.sleep(0.4)  # no beat seen for longer than the grace, but the database was away
+    recoveries[0] += 1
+    assert monitor.reap() == 0
+    assert study._storage.get_trial(trial._trial_id).state == TrialState.RUNNING
+    time.sleep(0.4)  # and now no beat while the database was there
+    assert monitor.reap() == 1
+    assert study._storage.get_trial(trial._trial_id).state == TrialState.FAIL
+
+
 def test_heartbeat_on_a_finished_trial_marks_it_lost(tmp_path):
     url = _journal(tmp_path)
     fake_study(url, tmp_path, num_trials=1, whitelist=["training.learning_rate"])
@@ -351,3 +375,63 @@ def test_local_workers_share_the_budget_and_sigterm_reaches_them(tmp_path):
                if "retry_of" in t.user_attrs}
     assert retries == {t.number for t in failed}
     assert states(study) == {"FAIL": 2, "WAITING": 4}
+
+
+def _proxied(kind, request):
+    url = request.getfixturevalue("pg_db" if kind == "postgresql" else "my_db")[0]
+    proxy = CuttableProxy(5432 if kind == "postgresql" else 3306)
+    request.addfinalizer(proxy.close)
+    return url, proxy
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("kind", ["postgresql", "mariadb"])
+def test_workers_ride_out_a_database_outage_longer_than_the_heartbeat_grace(
+    kind, request, tmp_path
+):
+    url, proxy = _proxied(kind, request)
+    settings = fake_study(url, tmp_path, name="outage", num_trials=6,
+                          whitelist=["training.learning_rate"], base={"training.num_epochs": 5})
+    assert settings.heartbeat_grace < 8
+    workers = [start_worker(proxy.url(url), "outage", FAKE_EPOCH_S=0.3) for _ in range(2)]
+    try:
+        _wait_for_progress(url, "outage", 1)
+    except AssertionError:
+        wait_all(workers, timeout=1)
+        raise
+    proxy.cut()
+    time.sleep(8)  # every worker's heartbeat is older than the grace when the link is back
+    proxy.restore()
+    results = wait_all(workers)
+    assert [code for code, _ in results] == [0, 0], results
+    assert all("reachable again" in err for _, err in results), results
+    # nobody was taken for dead: no trial failed, the budget is exact
+    assert states(load(url, "outage")) == {"COMPLETE": 6}
+
+
+@pytest.mark.slow
+def test_worker_stops_with_one_line_after_max_outage_and_its_trial_is_retried(
+    request, tmp_path
+):
+    url, proxy = _proxied("postgresql", request)
+    fake_study(url, tmp_path, name="gone", num_trials=2, whitelist=["training.learning_rate"],
+               base={"training.num_epochs": 4})
+    worker = start_worker(proxy.url(url), "gone", "--max-outage", "2", FAKE_EPOCH_S=0.4)
+    try:
+        victim = _wait_for_progress(url, "gone", 1)
+    except AssertionError:
+        wait_all([worker], timeout=1)
+        raise
+    proxy.cut()
+    [(code, err)] = wait_all([worker], timeout=60)
+    assert code == 2, err
+    last = err.strip().splitlines()[-1]
+    assert "unreachable for" in last and "Traceback" not in err, err
+    assert load(url, "gone")._storage.get_trial(victim._trial_id).state == TrialState.RUNNING
+    [(code, err)] = wait_all([start_worker(url, "gone")])
+    assert code == 0, err
+    study = load(url, "gone")
+    assert study._storage.get_trial(victim._trial_id).user_attrs["fail_kind"] == "dead"
+    [retry] = [t for t in study.get_trials() if t.user_attrs.get("retry_of") == victim.number]
+    assert retry.state == TrialState.COMPLETE and retry.user_attrs["resumed_from_epoch"] >= 1
+    assert states(study) == {"COMPLETE": 2, "FAIL": 1}

@@ -111,7 +111,7 @@ def _register_init(actions) -> None:
 
 
 def _register_run(actions) -> None:
-    from cnn_mellin.optim.defaults import SAMPLERS
+    from cnn_mellin.optim.defaults import DEFAULT_MAX_OUTAGE_S, SAMPLERS
 
     run = actions.add_parser(
         "run", help="run a worker (or --workers K) until the study's budget is done",
@@ -127,6 +127,10 @@ def _register_run(actions) -> None:
                      "and several GPUs they are spread over them")
     run.add_argument("--max-trials", type=_int, default=None, metavar="N",
                      help="stop each worker after N trials (default: until the budget is done)")
+    run.add_argument("--max-outage", type=float, default=DEFAULT_MAX_OUTAGE_S, metavar="S",
+                     help="how long a worker keeps retrying when it loses the database "
+                     "(a server restart) before it stops with an error; its trial is then "
+                     f"retried by another worker (default {DEFAULT_MAX_OUTAGE_S:g})")
     run.set_defaults(func=run_run, needs_device=True)
 
 
@@ -226,11 +230,11 @@ def run_run(args, config) -> int:
         return run_workers(
             args.workers, args.db_url, args.study_name, device=args.device,
             sampler=args.sampler, seed=args.seed, max_trials=args.max_trials,
-            verbose=args.verbose,
+            max_outage_s=args.max_outage, verbose=args.verbose,
         )
     summary = run_worker(
         args.db_url, args.study_name, device=args.device, sampler=args.sampler,
-        seed=args.seed, max_trials=args.max_trials,
+        seed=args.seed, max_trials=args.max_trials, max_outage_s=args.max_outage,
     )
     return summary.exit_code
 

@@ -179,6 +179,10 @@ class Reconciler:
         self._max_retries = max_retries
         self._seen: dict[int, float] = {}
 
+    def restart(self) -> None:
+        """Forget how long orphans have been seen (after this process lost the database)."""
+        self._seen.clear()
+
     def __call__(self) -> int:
         """One look; returns how many replacements were enqueued."""
         trials = self._study.get_trials(deepcopy=False)

@@ -9,7 +9,9 @@ its own). Another worker declares a trial's worker dead when
 
 - the worker ran on the same machine and its process is gone (seen at once), or
 - the trial's heartbeat has not changed for ``heartbeat_grace`` seconds of the
-  observer's own clock (so clocks of different hosts never need to agree).
+  observer's own clock (so clocks of different hosts never need to agree). An observer
+  that lost the database meanwhile starts its clocks again: it could not see heartbeats
+  that the others could not write either.
 
 The dead worker's trial is then failed and its retry enqueued (:mod:`budget`).
 """
@@ -30,6 +32,7 @@ from optuna.exceptions import UpdateFinishedTrialError
 from optuna.trial import FrozenTrial, TrialState
 
 from cnn_mellin.optim import budget
+from cnn_mellin.optim.storage import outage_recoveries
 
 _log = logging.getLogger("cnn_mellin.optim")
 
@@ -118,6 +121,10 @@ class StaleWatch:
         self._grace_s = grace_s
         self._seen: dict[int, tuple[object, float]] = {}
 
+    def restart(self) -> None:
+        """Forget the observations so far (they span a time this observer was blind)."""
+        self._seen.clear()
+
     def check(self, running: list[FrozenTrial]) -> list[tuple[FrozenTrial, str]]:
         """The dead ones among ``running`` with the reason, as far as seen so far."""
         now = time.monotonic()
@@ -168,6 +175,7 @@ class Monitor:
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self._last_reconcile = time.monotonic()
+        self._recoveries = outage_recoveries(study._storage)
         self.on_enqueue: Callable[[], None] | None = None  # after retries were enqueued
 
     def start(self) -> None:
@@ -221,6 +229,11 @@ class Monitor:
     def reap(self) -> int:
         """Fail the trials of dead workers and enqueue their retries; returns how many."""
         running = budget.trials_in(self._study, (TrialState.RUNNING,))
+        recoveries = outage_recoveries(self._study._storage)
+        if recoveries != self._recoveries:
+            self._recoveries = recoveries
+            self._watch.restart()
+            self._reconcile.restart()
         reaped = 0
         for trial, reason in self._watch.check(running):
             if budget.fail_and_replace(self._study, trial, "dead", reason, self._max_retries):

@@ -12,12 +12,20 @@ Accepted URLs:
   :data:`DEFAULT_JOURNAL`: Optuna's ``JournalStorage`` on a ``JournalFileBackend``, the
   embedded store for one machine. The same path works as ``optuna ... --storage PATH``.
 
+Workers wrap their SQL storage in :class:`OutageTolerantStorage`: a call that fails
+because the connection to the server was lost is retried until the server is back (a
+database restart does not kill a pool of workers), for at most ``max_outage_s``.
+
 Passwords are never shown: :func:`display_url` is what messages use.
 """
 
 from __future__ import annotations
 
+import functools
+import logging
 import os
+import threading
+import time
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -35,10 +43,17 @@ _ALLOWED = (
     "a journal file path, or 'default'"
 )
 _SQLITE_LOCK_TIMEOUT_S = 60
+_RETRY_PAUSE_MAX_S = 5.0  # short, so that every worker is back within seconds of the server
+
+_log = logging.getLogger("cnn_mellin.optim")
 
 
 class StorageError(UserError):
     """The database cannot be used: bad URL, unreachable server, no studies there."""
+
+
+class DatabaseUnreachable(StorageError):
+    """A worker lost its database for longer than it may wait."""
 
 
 @dataclass(frozen=True)
@@ -152,11 +167,15 @@ def _has_optuna_tables(db_url: str, display: str) -> bool:
         engine.dispose()
 
 
-def open_storage(db_url: str, create: bool = False) -> BaseStorage:
+def open_storage(
+    db_url: str, create: bool = False, max_outage_s: float | None = None
+) -> BaseStorage:
     """Open the storage ``db_url`` names.
 
     With ``create=False`` nothing is written: a journal file must exist and a database
-    must already hold Optuna's tables (else StorageError, "no studies there").
+    must already hold Optuna's tables (else StorageError, "no studies there"). With
+    ``max_outage_s``, calls to a SQL database ride out lost connections for that long
+    (:class:`OutageTolerantStorage`).
     """
     spec = parse_url(db_url)
     if spec.kind == "journal":
@@ -178,6 +197,8 @@ def open_storage(db_url: str, create: bool = False) -> BaseStorage:
         raise StorageError(f"{spec.display}: {_short_reason(err)}") from None
     if url.startswith("sqlite"):
         _harden_sqlite(storage.engine)
+    if max_outage_s is not None:
+        storage = OutageTolerantStorage(storage, spec.display, max_outage_s)
     return optuna.storages._CachedStorage(storage)
 
 
@@ -235,3 +256,99 @@ def load_study(storage: BaseStorage, study_name: str | None, db_url: str, **kwar
             f"no study named {study_name!r} in {display_url(db_url)} (studies there: {there})"
         )
     return optuna.load_study(study_name=study_name, storage=storage, **kwargs)
+
+
+def is_connection_loss(err: BaseException) -> bool:
+    """Whether ``err`` (or an error it wraps) says the database could not be reached.
+
+    Lost or refused connections, server restarts, and the lock timeouts and deadlocks
+    that roll a transaction back are all ``OperationalError`` in SQLAlchemy; the failed
+    transaction was rolled back, so the call can be made again.
+    """
+    from sqlalchemy import exc
+
+    seen: set[int] = set()
+    while err is not None and id(err) not in seen:
+        seen.add(id(err))
+        if isinstance(err, exc.DBAPIError) and (
+            err.connection_invalidated or isinstance(err, (exc.OperationalError,
+                                                          exc.InterfaceError))
+        ):
+            return True
+        err = err.__cause__ or err.__context__
+    return False
+
+
+class OutageTolerantStorage:
+    """A storage (Optuna's ``RDBStorage``) whose calls ride out a lost database connection.
+
+    A call failing with :func:`is_connection_loss` is made again after a pause (doubling
+    up to a few seconds) until it succeeds or the outage has lasted ``max_outage_s``,
+    which raises :class:`StorageError`. ``recoveries`` counts the outages survived: an
+    observer that could not look at the database meanwhile must not judge other workers
+    by heartbeats it missed (see :class:`cnn_mellin.optim.heartbeat.StaleWatch`).
+    Any other error passes through at once.
+    """
+
+    def __init__(self, storage: BaseStorage, display: str, max_outage_s: float,
+                 sleep=time.sleep):
+        self._storage = storage
+        self._display = display
+        self._max_outage_s = max_outage_s
+        self._sleep = sleep
+        self._lock = threading.Lock()
+        self._gave_up = False
+        self.recoveries = 0
+
+    def __getattr__(self, name: str):
+        # Optuna's caching layer also calls the private methods of the storage it wraps
+        attr = getattr(self._storage, name)
+        if name.startswith("__") or not callable(attr):
+            return attr
+
+        @functools.wraps(attr)
+        def call(*args, **kwargs):
+            return self._call(attr, args, kwargs)
+
+        return call
+
+    def _call(self, method, args, kwargs):
+        began, pause = None, 0.25
+        while True:
+            try:
+                result = method(*args, **kwargs)
+            except Exception as err:
+                if not is_connection_loss(err):
+                    raise
+                if self._gave_up:
+                    raise DatabaseUnreachable(
+                        f"database {self._display} unreachable ({_short_reason(err)})"
+                    ) from None
+                now = time.monotonic()
+                if began is None:
+                    began = now
+                    _log.warning("lost the database %s (%s); retrying for up to %g s",
+                                 self._display, _short_reason(err), self._max_outage_s)
+                if now - began >= self._max_outage_s:
+                    self._gave_up = True
+                    raise DatabaseUnreachable(
+                        f"database {self._display} unreachable for {now - began:.0f} s "
+                        f"({_short_reason(err)}); this worker stops, its trial is retried "
+                        "by a worker that can reach the database"
+                    ) from None
+                self._sleep(min(pause, self._max_outage_s - (now - began)))
+                pause = min(2 * pause, _RETRY_PAUSE_MAX_S)
+                continue
+            if began is not None:
+                with self._lock:
+                    self.recoveries += 1
+                _log.warning("database %s reachable again after %.1f s", self._display,
+                             time.monotonic() - began)
+            return result
+
+
+def outage_recoveries(storage) -> int:
+    """How many database outages ``storage`` rode out (0 for a plain storage)."""
+    if isinstance(storage, optuna.storages._CachedStorage):
+        storage = storage._backend
+    return storage.recoveries if isinstance(storage, OutageTolerantStorage) else 0

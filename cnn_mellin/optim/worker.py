@@ -34,9 +34,13 @@ from optuna.trial import FrozenTrial, TrialState
 from cnn_mellin.config import Config
 from cnn_mellin.errors import ConfigError, UserError
 from cnn_mellin.optim import budget, space
-from cnn_mellin.optim.defaults import SAMPLERS
+from cnn_mellin.optim.defaults import DEFAULT_MAX_OUTAGE_S, SAMPLERS
 from cnn_mellin.optim.heartbeat import WORKER_ATTR, Monitor, WorkerIdentity
-from cnn_mellin.optim.storage import load_study, open_storage
+from cnn_mellin.optim.storage import (
+    DatabaseUnreachable,
+    load_study,
+    open_storage,
+)
 from cnn_mellin.optim.study import StudySettings, checkpoint_root, read_settings
 from cnn_mellin.tasks import PruneTrial, Task, TrialContext, get_task
 
@@ -155,17 +159,20 @@ class Worker:
     def __init__(
         self, db_url: str, study_name: str | None, *, device: str = "cpu",
         sampler: str = "random", seed: int | None = None, max_trials: int | None = None,
+        max_outage_s: float = DEFAULT_MAX_OUTAGE_S,
     ):
         if sampler not in SAMPLERS:
             raise ConfigError(f"unknown sampler {sampler!r}; allowed: {', '.join(SAMPLERS)}")
         if max_trials is not None and max_trials < 1:
             raise ConfigError(f"--max-trials must be at least 1, got {max_trials}")
+        if not max_outage_s >= 0:
+            raise ConfigError(f"--max-outage must be at least 0 seconds, got {max_outage_s}")
         if device.startswith("cuda"):
             import torch
 
             if not torch.cuda.is_available():
                 raise ConfigError(f"--device {device}: no CUDA device is usable here")
-        self.storage = open_storage(db_url)
+        self.storage = open_storage(db_url, max_outage_s=max_outage_s)
         self.study = load_study(self.storage, study_name, db_url)
         self.settings = read_settings(self.study)
         self.task = get_task(self.settings.task)(self.settings.task_info)
@@ -273,6 +280,8 @@ class Worker:
             return "lost"
         except WorkerStopped as stop:
             self._fail(trial, claimed, "interrupted", f"worker stopped by {stop}")
+            raise
+        except DatabaseUnreachable:  # nothing can be written; the reaper retries the trial
             raise
         except ConfigError as err:  # this configuration cannot run (found out late)
             return self._finish_pruned(
@@ -455,10 +464,12 @@ def _raise_stop(signum, _frame):
 def run_worker(
     db_url: str, study_name: str | None, *, device: str = "cpu", sampler: str = "random",
     seed: int | None = None, max_trials: int | None = None,
+    max_outage_s: float = DEFAULT_MAX_OUTAGE_S,
 ) -> WorkerSummary:
     """Run one worker in this process; SIGTERM/SIGINT stop it after re-enqueueing its trial."""
     worker = Worker(
-        db_url, study_name, device=device, sampler=sampler, seed=seed, max_trials=max_trials
+        db_url, study_name, device=device, sampler=sampler, seed=seed, max_trials=max_trials,
+        max_outage_s=max_outage_s,
     )
     in_main = threading.current_thread() is threading.main_thread()
     previous = {}
@@ -477,7 +488,8 @@ def run_worker(
     return summary
 
 
-def _child(db_url, study_name, device, sampler, seed, max_trials, verbose, threads) -> None:
+def _child(db_url, study_name, device, sampler, seed, max_trials, max_outage_s, verbose,
+           threads) -> None:
     if threads is not None:
         import torch
 
@@ -490,7 +502,7 @@ def _child(db_url, study_name, device, sampler, seed, max_trials, verbose, threa
     try:
         summary = run_worker(
             db_url, study_name, device=device, sampler=sampler, seed=seed,
-            max_trials=max_trials,
+            max_trials=max_trials, max_outage_s=max_outage_s,
         )
     except UserError as err:
         logging.getLogger("cnn_mellin.optim").error("%s", err)
@@ -515,7 +527,7 @@ def worker_devices(device: str, workers: int) -> list[str]:
 def run_workers(
     workers: int, db_url: str, study_name: str | None, *, device: str = "cpu",
     sampler: str = "random", seed: int | None = None, max_trials: int | None = None,
-    verbose: bool = False,
+    max_outage_s: float = DEFAULT_MAX_OUTAGE_S, verbose: bool = False,
 ) -> int:
     """Run ``workers`` worker processes here; returns the worst exit code."""
     if workers < 1:
@@ -528,7 +540,8 @@ def run_workers(
     processes = [
         context.Process(
             target=_child, name=f"worker-{i}",
-            args=(db_url, study_name, dev, sampler, seed, max_trials, verbose, threads),
+            args=(db_url, study_name, dev, sampler, seed, max_trials, max_outage_s, verbose,
+                  threads),
         )
         for i, dev in enumerate(worker_devices(device, workers))
     ]
