@@ -8,8 +8,22 @@
 # Minutes on a 2-core CPU. Re-running it is cheap: finished steps are no-ops.
 # Environment: MODEL_TYPE (mcorr|lcorr, default mcorr), DB_URL (default: the embedded store),
 # WORKERS (local worker processes, default 2), SM_TRIALS (10), LG_TRIALS (4), TOP_K (3),
-# MEM_LIMIT (bytes, default 5e8).
+# MEM_LIMIT (bytes, default 5e8), UTTERANCES (training utterances spoken, default 200),
+# DATA (corpus and features, default data/synth), EXP (outputs, default exp),
+# EXTRA_INI (an .ini read after conf/optim/demo.ini, e.g. fewer epochs; default none),
+# SEED (seeds the samplers, so that a run can be repeated; default unseeded).
 set -euo pipefail
+# absolute before the cd below, so that the caller's relative paths keep their meaning
+abspath() { case "$1" in /*) echo "$1" ;; *) echo "$PWD/$1" ;; esac; }
+data=$(abspath "${DATA:-data/synth}")
+exp=$(abspath "${EXP:-exp}")
+extra_ini=()
+seed=()
+if [ -n "${SEED:-}" ]; then seed=(--seed "$SEED"); fi
+if [ -n "${EXTRA_INI:-}" ]; then extra_ini=(--read-ini "$(abspath "$EXTRA_INI")"); fi
+if [ -n "${DB_URL:-}" ] && [[ "$DB_URL" != *://* ]] && [ "$DB_URL" != default ]; then
+  DB_URL=$(abspath "$DB_URL")
+fi
 cd "$(dirname "$0")/.."
 
 bash scripts/setup.sh
@@ -26,13 +40,13 @@ top_k=${TOP_K:-3}
 # above it are pruned before training (as the recipe's GPU limits do on a cluster), which keeps
 # the largest, slowest random models out of a CPU demo.
 mem_limit=${MEM_LIMIT:-500000000}
-data=data/synth
-conf=exp/conf
-mkdir -p "$conf" exp/logs
+utterances=${UTTERANCES:-200}
+conf=$exp/conf
+mkdir -p "$conf"
 
 if [ ! -e "$data/$feature/train/feats.h5" ]; then
   echo "== synthetic corpus and $feature features -> $data" >&2
-  cnn-mellin prep synth "$data/corpus" --utterances 200
+  cnn-mellin prep synth "$data/corpus" --utterances "$utterances"
   cnn-mellin prep timit "$data/corpus" "$data" "$feature"
 fi
 
@@ -42,12 +56,13 @@ lg=demo-model-$model_type-lg-$feature
 echo "== stage sm: $sm ($sm_trials random trials, $workers workers)" >&2
 cnn-mellin \
   --read-ini "conf/optim/model-$model_type-sm.ini" --read-ini conf/optim/demo.ini \
-  --device cpu \
+  "${extra_ini[@]}" --device cpu \
   optim --study-name "$sm" "$db_url" \
     init "$data/$feature/train" \
       --blacklist 'training.*' 'data.*' 'model.convolutional_mellin' \
-      --num-trials "$sm_trials" --pruner none --mem-limit-bytes "$mem_limit"
-cnn-mellin optim --study-name "$sm" "$db_url" run --sampler random --workers "$workers"
+      --num-trials "$sm_trials" --pruner none --mem-limit-bytes "$mem_limit" \
+      --checkpoint-dir "$exp/optim/checkpoints/$sm"
+cnn-mellin "${seed[@]}" optim --study-name "$sm" "$db_url" run --sampler random --workers "$workers"
 
 echo "== carrying the top $top_k parameters and the best settings into $lg" >&2
 cnn-mellin optim --study-name "$sm" "$db_url" important --top-k="$top_k" "$conf/$lg.params"
@@ -58,12 +73,13 @@ cnn-mellin --read-ini "$conf/$lg.ini" --device cpu \
   optim --study-name "$lg" "$db_url" \
     init "$data/$feature/train" \
       --whitelist $(cat "$conf/$lg.params") \
-      --num-trials "$lg_trials" --mem-limit-bytes "$mem_limit"
-cnn-mellin optim --study-name "$lg" "$db_url" run --sampler tpe --workers "$workers"
+      --num-trials "$lg_trials" --mem-limit-bytes "$mem_limit" \
+      --checkpoint-dir "$exp/optim/checkpoints/$lg"
+cnn-mellin "${seed[@]}" optim --study-name "$lg" "$db_url" run --sampler tpe --workers "$workers"
 
 cnn-mellin optim --study-name "$lg" "$db_url" best "$conf/$lg-best.ini"
 cnn-mellin optim --study-name "$lg" "$db_url" status
-cnn-mellin optim --study-name "$lg" "$db_url" report "exp/report/$lg"
+cnn-mellin optim --study-name "$lg" "$db_url" report "$exp/report/$lg"
 
 cat <<DONE
 == done
@@ -71,5 +87,5 @@ studies:           $sm, $lg in $db_url (optuna trials --study-name $lg --storage
 top parameters:    $conf/$lg.params
 stage-sm settings: $conf/$lg.ini
 final best:        $conf/$lg-best.ini
-report:            exp/report/$lg/
+report:            $exp/report/$lg/
 DONE

@@ -66,6 +66,27 @@ def test_important_is_byte_identical_and_selectable(cli, done, tmp_path):
     assert code == 2 and "--threshold" in err
 
 
+def test_trials_of_one_value_important_is_one_line_error_report_skips_importance(
+    cli, tmp_path, monkeypatch
+):
+    # e.g. a first stage whose trials all stayed in CTC's all-blank phase: PER 1.0 each
+    monkeypatch.setenv("FAKE_VALUE", "1.0")
+    url = str(tmp_path / "studies.journal")
+    fake_study(url, tmp_path, name="flat", num_trials=4, pruner="none", base=BASE,
+               whitelist=["training.learning_rate", "data.batch_size"])
+    assert run_worker(url, "flat", seed=3).outcomes == {"complete": 4}
+    code, out, err = cli("optim", url, "important", "--top-k=2", str(tmp_path / "top.params"))
+    assert code == 2 and out == "" and len(err.strip().splitlines()) == 1, err
+    assert "all have the value 1" in err and "Traceback" not in err
+    assert not (tmp_path / "top.params").exists()
+    # the report leaves the importance plot out instead of failing
+    code, _, err = cli("optim", url, "report", tmp_path / "report")
+    assert code == 0, err
+    written = {p.name for p in (tmp_path / "report").iterdir()}
+    assert {"trials.csv", "history.html", "slice.html"} <= written
+    assert "importance.html" not in written
+
+
 def test_best_ini_reproduces_the_best_trial(cli, done, tmp_path):
     out = tmp_path / "best.ini"
     assert cli("optim", done, "best", str(out))[0] == 0

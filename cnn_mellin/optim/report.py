@@ -7,6 +7,7 @@ would need kaleido, which is not a dependency of cnn-mellin, so none is written.
 
 from __future__ import annotations
 
+import logging
 import os
 import tempfile
 import warnings
@@ -19,6 +20,8 @@ from optuna.trial import TrialState
 from cnn_mellin.errors import UserError
 from cnn_mellin.optim.importance import make_evaluator
 from cnn_mellin.optim.study import StudySettings
+
+_log = logging.getLogger("cnn_mellin.optim")
 
 
 def _atomic(path: Path, write: Callable[[str], None]) -> None:
@@ -44,7 +47,11 @@ def trials_frame(study: optuna.Study):
 def write_report(
     study: optuna.Study, settings: StudySettings, out_dir: str | os.PathLike
 ) -> list[Path]:
-    """Write ``trials.csv`` and the HTML plots into ``out_dir``; returns the files written."""
+    """Write ``trials.csv`` and the HTML plots into ``out_dir``; returns the files written.
+
+    The importance plot needs completed trials whose values differ; without, it is left
+    out with a warning.
+    """
     out = Path(out_dir)
     try:
         out.mkdir(parents=True, exist_ok=True)
@@ -65,7 +72,7 @@ def write_report(
         plots["slice"] = lambda: vis.plot_slice(study, params=names)
         plots["parallel_coordinate"] = lambda: vis.plot_parallel_coordinate(study, params=names)
         plots["edf"] = lambda: vis.plot_edf(study)
-    if len(completed) >= 2 and names:
+    if len({t.value for t in completed}) >= 2 and names:
         plots["importance"] = lambda: vis.plot_param_importances(
             study, evaluator=make_evaluator("fanova"), params=names
         )
@@ -74,7 +81,13 @@ def write_report(
     for name, make in plots.items():
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            figure = make()
+            try:
+                figure = make()
+            except RuntimeError as err:  # fANOVA: "Encountered zero total variance ..."
+                if name != "importance" or "zero total variance" not in str(err):
+                    raise
+                _log.warning("no importance plot: the values do not vary with the parameters")
+                continue
         path = out / f"{name}.html"
         _atomic(path, lambda tmp, f=figure: f.write_html(tmp, include_plotlyjs="directory"))
         written.append(path)

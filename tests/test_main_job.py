@@ -1,0 +1,69 @@
+"""The README's main job (scripts/staged_search.sh), shrunk: every stage runs for real."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+
+import pytest
+
+from cnn_mellin.config import read_ini
+from cnn_mellin.optim.study import read_settings
+from tests.conftest import ROOT, run_cli
+from tests.optim_helpers import load
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.mark.skipif(not (ROOT / ".venv" / "bin" / "cnn-mellin").exists(),
+                    reason="the main job runs from .venv (bash scripts/setup.sh makes it)")
+def test_staged_search_end_to_end(tmp_path):
+    # Small enough for CI, large enough that some sm trials leave CTC's all-blank phase (a
+    # stage whose trials all score PER 1.0 has nothing to rank, and stops with that error);
+    # the seed fixes which models the random stage draws.
+    fast = tmp_path / "fast.ini"
+    fast.write_text("[training]\nnum_epochs = 4\nwarmup_epochs = 0.25\n")
+    journal = tmp_path / "studies.journal"
+    env = {
+        **os.environ, "DATA": str(tmp_path / "data"), "EXP": str(tmp_path / "exp"),
+        "DB_URL": str(journal), "EXTRA_INI": str(fast), "UTTERANCES": "60",
+        "SM_TRIALS": "5", "LG_TRIALS": "2", "TOP_K": "2", "WORKERS": "2", "SEED": "2",
+        "OMP_NUM_THREADS": "1",
+    }
+    done = subprocess.run(["bash", "scripts/staged_search.sh"], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=900)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "== done" in done.stdout
+
+    sm, lg = "demo-model-mcorr-sm-fbank-81-10ms", "demo-model-mcorr-lg-fbank-81-10ms"
+    conf = tmp_path / "exp" / "conf"
+    top = (conf / f"{lg}.params").read_text().split()
+    assert len(top) == 2 and all(name.startswith("model.") for name in top)
+    carried = read_ini(conf / f"{lg}.ini")
+    assert carried["training.num_epochs"] == 4  # the extra .ini reached both stages
+    best = read_ini(conf / f"{lg}-best.ini")
+    assert set(best) == set(carried)
+
+    def status(name):
+        shown = run_cli("optim", "--study-name", name, journal, "status", "--json")
+        assert shown.returncode == 0, shown.stderr
+        return json.loads(shown.stdout)
+
+    for name, trials in ((sm, 5), (lg, 2)):
+        counts = status(name)["counts"]
+        assert counts["done"] == counts["complete"] + counts["pruned"] == trials, counts
+        assert counts["complete"] >= 1 and counts["fail"] == 0, counts
+    # the lg stage tried the carried configuration first
+    study = load(str(journal), lg)
+    searched = read_settings(study).searched  # the top ones that can matter given the .ini
+    assert searched and set(searched) <= set(top)
+    assert study.trials[0].params == {name: carried[name] for name in searched}
+    report = tmp_path / "exp" / "report" / lg
+    assert (report / "trials.csv").exists() and (report / "history.html").exists()
+
+    before = {name: status(name) for name in (sm, lg)}
+    again = subprocess.run(["bash", "scripts/staged_search.sh"], cwd=ROOT, env=env,
+                           capture_output=True, text=True, timeout=900)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert {name: status(name) for name in (sm, lg)} == before  # finished stages: no-ops
