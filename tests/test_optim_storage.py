@@ -171,6 +171,14 @@ def test_outage_longer_than_allowed_is_a_one_line_error_and_later_calls_fail_fas
     with pytest.raises(DatabaseUnreachable):
         storage.get_all_studies()
     assert storage._storage.calls == calls + 1  # no second wait
+    # the database comes back before this process gave up for good (e.g. mid-epoch): the
+    # outage counts as survived, so heartbeat observers restart their clocks
+    storage._storage.errors = []
+    assert storage.get_all_studies() == ["ok"] and storage.recoveries == 1
+    storage._storage.errors = [_lost()]
+    storage._sleep = lambda _: None
+    assert storage.get_all_studies() == ["ok"]  # and a later loss is waited out again
+    assert storage.recoveries == 2
 
 
 @pytest.mark.parametrize("kind", ["postgresql", "mariadb"])

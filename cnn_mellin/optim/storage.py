@@ -339,11 +339,13 @@ class OutageTolerantStorage:
                 self._sleep(min(pause, self._max_outage_s - (now - began)))
                 pause = min(2 * pause, _RETRY_PAUSE_MAX_S)
                 continue
-            if began is not None:
+            if began is not None or self._gave_up:
+                # back (a call that gave up meanwhile counts too: its thread was blind as well)
                 with self._lock:
                     self.recoveries += 1
-                _log.warning("database %s reachable again after %.1f s", self._display,
-                             time.monotonic() - began)
+                    self._gave_up = False
+                _log.warning("database %s reachable again%s", self._display,
+                             f" after {time.monotonic() - began:.1f} s" if began else "")
             return result
 
 
