@@ -6,7 +6,8 @@
 #   3. model-<type>-lg: TPE search over just the top parameters, from that .ini,
 #   4. best: the final configuration.
 # Minutes on a 2-core CPU. Re-running it is cheap: finished steps are no-ops.
-# Environment: MODEL_TYPE (mcorr|lcorr, default mcorr), DB_URL (default: the embedded store),
+# Environment: MODEL_TYPE (mcorr|lcorr, default mcorr), DB_URL (default: the embedded store,
+# EXP/optim/studies.journal when EXP is set),
 # WORKERS (local worker processes, default 2), SM_TRIALS (10), LG_TRIALS (4), TOP_K (3),
 # MEM_LIMIT (bytes, default 5e8), UTTERANCES (training utterances spoken, default 200),
 # DATA (corpus and features, default data/synth), EXP (outputs, default exp),
@@ -31,7 +32,11 @@ export PATH="$PWD/.venv/bin:$PATH"
 
 model_type=${MODEL_TYPE:-mcorr}
 feature=fbank-81-10ms
-db_url=${DB_URL:-default}
+if [ -n "${EXP:-}" ]; then
+  db_url=${DB_URL:-$exp/optim/studies.journal}  # everything of the run under EXP
+else
+  db_url=${DB_URL:-default}
+fi
 workers=${WORKERS:-2}
 sm_trials=${SM_TRIALS:-10}
 lg_trials=${LG_TRIALS:-4}

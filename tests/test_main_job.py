@@ -24,10 +24,11 @@ def test_staged_search_end_to_end(tmp_path):
     # the seed fixes which models the random stage draws.
     fast = tmp_path / "fast.ini"
     fast.write_text("[training]\nnum_epochs = 4\nwarmup_epochs = 0.25\n")
-    journal = tmp_path / "studies.journal"
+    journal = tmp_path / "exp" / "optim" / "studies.journal"  # the default under EXP
     env = {
-        **os.environ, "DATA": str(tmp_path / "data"), "EXP": str(tmp_path / "exp"),
-        "DB_URL": str(journal), "EXTRA_INI": str(fast), "UTTERANCES": "60",
+        **{k: v for k, v in os.environ.items() if k != "DB_URL"},
+        "DATA": str(tmp_path / "data"), "EXP": str(tmp_path / "exp"),
+        "EXTRA_INI": str(fast), "UTTERANCES": "60",
         "SM_TRIALS": "5", "LG_TRIALS": "2", "TOP_K": "2", "WORKERS": "2", "SEED": "2",
         "OMP_NUM_THREADS": "1",
     }

@@ -41,6 +41,11 @@ def make_evaluator(name: str) -> optuna.importance.BaseImportanceEvaluator:
     raise ConfigError(f"unknown importance evaluator {name!r}; allowed: {', '.join(EVALUATORS)}")
 
 
+def is_zero_variance(err: BaseException) -> bool:
+    """Whether ``err`` is fANOVA's "Encountered zero total variance in all trees"."""
+    return isinstance(err, RuntimeError) and "zero total variance" in str(err)
+
+
 def rank(
     study: optuna.Study, settings: StudySettings, evaluator: str = "fanova"
 ) -> list[tuple[str, float]]:
@@ -57,27 +62,26 @@ def rank(
     names = [n for n in settings.searched if all(n in t.params for t in completed)]
     if not names:
         raise UserError(f"study {study.study_name!r}: no searched parameter in every trial")
-    values = {t.value for t in completed}
-    no_variance = UserError(
-        f"study {study.study_name!r}: its {len(completed)} completed trials all have the value "
-        f"{completed[0].value:g}, so no parameter can be ranked; run more trials or longer "
-        "ones (more epochs)" if len(values) == 1 else
-        f"study {study.study_name!r}: the {evaluator} evaluator found no variation of the "
-        f"value over the searched parameters in {len(completed)} completed trials; run more "
-        "trials"
-    )
-    if len(values) == 1:
-        raise no_variance
+    if len({t.value for t in completed}) == 1:
+        raise UserError(
+            f"study {study.study_name!r}: its {len(completed)} completed trials all have the "
+            f"value {completed[0].value:g}, so no parameter can be ranked; run more trials or "
+            "longer ones (more epochs)"
+        )
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         try:
             scores = optuna.importance.get_param_importances(
                 study, evaluator=make_evaluator(evaluator), params=names
             )
-        except RuntimeError as err:  # fANOVA: "Encountered zero total variance in all trees."
-            if "zero total variance" not in str(err):
+        except RuntimeError as err:
+            if not is_zero_variance(err):
                 raise
-            raise no_variance from None
+            raise UserError(
+                f"study {study.study_name!r}: the {evaluator} evaluator found no variation of "
+                f"the value over the searched parameters in {len(completed)} completed "
+                "trials; run more trials"
+            ) from None
     return sorted(scores.items(), key=lambda item: (-item[1], item[0]))
 
 

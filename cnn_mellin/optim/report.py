@@ -18,7 +18,7 @@ import optuna
 from optuna.trial import TrialState
 
 from cnn_mellin.errors import UserError
-from cnn_mellin.optim.importance import make_evaluator
+from cnn_mellin.optim.importance import is_zero_variance, make_evaluator
 from cnn_mellin.optim.study import StudySettings
 
 _log = logging.getLogger("cnn_mellin.optim")
@@ -83,8 +83,8 @@ def write_report(
             warnings.simplefilter("ignore")
             try:
                 figure = make()
-            except RuntimeError as err:  # fANOVA: "Encountered zero total variance ..."
-                if name != "importance" or "zero total variance" not in str(err):
+            except RuntimeError as err:
+                if name != "importance" or not is_zero_variance(err):
                     raise
                 _log.warning("no importance plot: the values do not vary with the parameters")
                 continue

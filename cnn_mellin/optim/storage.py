@@ -21,7 +21,6 @@ Passwords are never shown: :func:`display_url` is what messages use.
 
 from __future__ import annotations
 
-import functools
 import logging
 import os
 import threading
@@ -284,7 +283,7 @@ class OutageTolerantStorage:
 
     A call failing with :func:`is_connection_loss` is made again after a pause (doubling
     up to a few seconds) until it succeeds or the outage has lasted ``max_outage_s``,
-    which raises :class:`StorageError`. ``recoveries`` counts the outages survived: an
+    which raises :class:`DatabaseUnreachable`. ``recoveries`` counts the outages survived: an
     observer that could not look at the database meanwhile must not judge other workers
     by heartbeats it missed (see :class:`cnn_mellin.optim.heartbeat.StaleWatch`).
     Any other error passes through at once.
@@ -306,7 +305,6 @@ class OutageTolerantStorage:
         if name.startswith("__") or not callable(attr):
             return attr
 
-        @functools.wraps(attr)
         def call(*args, **kwargs):
             return self._call(attr, args, kwargs)
 
