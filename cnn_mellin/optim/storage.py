@@ -257,12 +257,13 @@ def load_study(storage: BaseStorage, study_name: str | None, db_url: str, **kwar
     return optuna.load_study(study_name=study_name, storage=storage, **kwargs)
 
 
-def is_connection_loss(err: BaseException) -> bool:
-    """Whether ``err`` (or an error it wraps) says the database could not be reached.
+def connection_loss(err: BaseException) -> BaseException | None:
+    """The error in ``err``'s chain saying the database could not be reached, or None.
 
     Lost or refused connections, server restarts, and the lock timeouts and deadlocks
-    that roll a transaction back are all ``OperationalError`` in SQLAlchemy; the failed
-    transaction was rolled back, so the call can be made again.
+    that roll a transaction back are all ``OperationalError`` in SQLAlchemy (Optuna wraps
+    them in ``StorageInternalError``); the failed transaction was rolled back, so the call
+    can be made again.
     """
     from sqlalchemy import exc
 
@@ -273,15 +274,15 @@ def is_connection_loss(err: BaseException) -> bool:
             err.connection_invalidated or isinstance(err, (exc.OperationalError,
                                                           exc.InterfaceError))
         ):
-            return True
+            return err
         err = err.__cause__ or err.__context__
-    return False
+    return None
 
 
 class OutageTolerantStorage:
     """A storage (Optuna's ``RDBStorage``) whose calls ride out a lost database connection.
 
-    A call failing with :func:`is_connection_loss` is made again after a pause (doubling
+    A call failing with a :func:`connection_loss` is made again after a pause (doubling
     up to a few seconds) until it succeeds or the outage has lasted ``max_outage_s``,
     which raises :class:`DatabaseUnreachable`. ``recoveries`` counts the outages survived: an
     observer that could not look at the database meanwhile must not judge other workers
@@ -296,7 +297,7 @@ class OutageTolerantStorage:
         self._max_outage_s = max_outage_s
         self._sleep = sleep
         self._lock = threading.Lock()
-        self._gave_up = False
+        self._gave_up_since: float | None = None  # start of the outage this gave up on
         self.recoveries = 0
 
     def __getattr__(self, name: str):
@@ -316,32 +317,32 @@ class OutageTolerantStorage:
             try:
                 result = method(*args, **kwargs)
             except Exception as err:
-                if not is_connection_loss(err):
+                lost = connection_loss(err)
+                if lost is None:
                     raise
-                if self._gave_up:
-                    raise DatabaseUnreachable(
-                        f"database {self._display} unreachable ({_short_reason(err)})"
-                    ) from None
                 now = time.monotonic()
                 if began is None:
                     began = now
-                    _log.warning("lost the database %s (%s); retrying for up to %g s",
-                                 self._display, _short_reason(err), self._max_outage_s)
-                if now - began >= self._max_outage_s:
-                    self._gave_up = True
+                    if self._gave_up_since is None:
+                        _log.warning("lost the database %s (%s); retrying for up to %g s",
+                                     self._display, _short_reason(lost), self._max_outage_s)
+                if self._gave_up_since is None and now - began >= self._max_outage_s:
+                    self._gave_up_since = began
+                if self._gave_up_since is not None:  # another thread may have given up first
                     raise DatabaseUnreachable(
-                        f"database {self._display} unreachable for {now - began:.0f} s "
-                        f"({_short_reason(err)}); this worker stops, its trial is retried "
-                        "by a worker that can reach the database"
+                        f"database {self._display} unreachable for "
+                        f"{now - self._gave_up_since:.0f} s ({_short_reason(lost)}); this "
+                        "worker stops, its trial is retried by a worker that can reach the "
+                        "database"
                     ) from None
                 self._sleep(min(pause, self._max_outage_s - (now - began)))
                 pause = min(2 * pause, _RETRY_PAUSE_MAX_S)
                 continue
-            if began is not None or self._gave_up:
+            if began is not None or self._gave_up_since is not None:
                 # back (a call that gave up meanwhile counts too: its thread was blind as well)
                 with self._lock:
                     self.recoveries += 1
-                    self._gave_up = False
+                    self._gave_up_since = None
                 _log.warning("database %s reachable again%s", self._display,
                              f" after {time.monotonic() - began:.1f} s" if began else "")
             return result
