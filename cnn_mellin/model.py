@@ -1,15 +1,18 @@
 """The CTC acoustic model of DESIGN.md §5 and the checks on its configuration.
 
-An utterance (T frames x F coefficients) is normalised per coefficient, cut into
-windows of ``window_size`` frames every ``window_stride`` frames (zeros past the
-utterance's end), and each window runs through a stack of correlation layers
-(linear along frequency; Mellin or linear along the window's time axis). The
-window's time axis is summed out, a recurrent stack runs over the windows and a
-linear layer gives CTC log-probabilities: one output per window, so an utterance
-of ``L`` frames gives ``ceil(L / window_stride)`` outputs.
+An utterance (T frames x F coefficients) is normalised per coefficient, optionally
+smoothed along time with a Gaussian (``input_smoothing_width``) and dropped out
+(``input_dropout``), cut into windows of ``window_size`` frames every
+``window_stride`` frames (zeros past the utterance's end), and each window runs
+through a stack of correlation layers (linear along frequency; Mellin or linear
+along the window's time axis). The window's time axis is summed out, a recurrent
+stack runs over the windows (each layer's input optionally layer-normalised,
+``layer_norm``) and a linear layer gives CTC log-probabilities: one output per
+window, so an utterance of ``L`` frames gives ``ceil(L / window_stride)`` outputs.
 
 Padding never changes a sequence's outputs: frames past a sequence's length are
-zeroed before windowing, only windows inside the sequence go through the
+zeroed before windowing (the smoothing weights only frames inside the sequence and
+renormalises by their total weight), only windows inside the sequence go through the
 correlation stack, recurrent layers run forward over the padded batch (outputs
 past the length are ignored) and backward over a per-sequence reversal (so the
 backward direction starts at the sequence's own last window).
@@ -26,6 +29,7 @@ every tap is in range.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -188,6 +192,11 @@ class AcousticModel(torch.nn.Module):
         self.window_size, self.window_stride = window_geometry(values, num_coeffs)
         self.register_buffer("feat_mean", _coefficients(mean, 0.0, num_coeffs, "mean"))
         self.register_buffer("feat_std", _coefficients(std, 1.0, num_coeffs, "std").clamp_min(1e-5))
+        width = values["input_smoothing_width"]
+        # derived from the configuration, so not saved with the weights
+        self.register_buffer("smoothing", _gaussian(width) if width > 0 else None,
+                             persistent=False)
+        self.input_dropout = torch.nn.Dropout(values["input_dropout"])
 
         plans = plan_layers(values, num_coeffs)
         layer_type = MCorrLCorr if values["convolutional_mellin"] else LCorrLCorr
@@ -204,7 +213,10 @@ class AcousticModel(torch.nn.Module):
         layers, bidirectional = values["recurrent_layers"], values["recurrent_bidirectional"]
         self.forward_rnns = torch.nn.ModuleList()
         self.backward_rnns = torch.nn.ModuleList()
+        self.norms = torch.nn.ModuleList()
         for _ in range(layers):
+            if values["layer_norm"]:
+                self.norms.append(torch.nn.LayerNorm(features))
             self.forward_rnns.append(rnn(features, size))
             if bidirectional:
                 self.backward_rnns.append(rnn(features, size))
@@ -240,14 +252,19 @@ class AcousticModel(torch.nn.Module):
         x = (feats - self.feat_mean) / self.feat_std
         if feat_lens is None:
             out_lens = torch.full((n_batch,), n_out, dtype=torch.long, device=feats.device)
-            where = None
+            where = padding = None
         else:
             feat_lens = feat_lens.to(device=feats.device, dtype=torch.long)
             out_lens = self.output_lengths(feat_lens)
             frames = torch.arange(n_frames, device=feats.device)
-            x = x.masked_fill((frames >= feat_lens[:, None])[..., None], 0.0)
+            padding = (frames >= feat_lens[:, None])[..., None]  # (N, T, 1)
+            x = x.masked_fill(padding, 0.0)
             windows = torch.arange(n_out, device=feats.device)
             where = (windows < out_lens[:, None]).nonzero(as_tuple=True)  # (batch, window)
+        if self.smoothing is not None:
+            x = self._smooth(x, padding)
+        if self.input_dropout.p > 0:
+            x = self.input_dropout(x)
 
         x = self._windows(x, n_out)  # (N, T', size, F) view
         x = x.flatten(0, 1) if where is None else x[where]
@@ -266,6 +283,20 @@ class AcousticModel(torch.nn.Module):
         x = self._recurrent(x, out_lens, where is None)
         return self.output(self.dropout(x)).log_softmax(-1), out_lens
 
+    def _smooth(self, x: Tensor, padding: Tensor | None) -> Tensor:
+        """Gaussian smoothing along time of the frames inside each sequence, (N, T, F)."""
+        n_batch, n_frames, n_coeffs = x.shape
+        kernel = self.smoothing.to(x.dtype)
+        half = (kernel.numel() - 1) // 2
+        inside = (x.new_ones(n_batch, n_frames, 1) if padding is None
+                  else (~padding).to(x.dtype))
+        smoothed = F.conv1d(x.transpose(1, 2), kernel.expand(n_coeffs, 1, -1), padding=half,
+                            groups=n_coeffs)
+        # each frame's total weight inside its sequence: the edges are not pulled to zero
+        weight = F.conv1d(inside.transpose(1, 2), kernel.view(1, 1, -1), padding=half)
+        x = (smoothed / weight.clamp_min(1e-6)).transpose(1, 2)
+        return x if padding is None else x.masked_fill(padding, 0.0)
+
     def _windows(self, x: Tensor, n_out: int) -> Tensor:
         size, stride = self.window_size, self.window_stride
         left = (size - stride) // 2
@@ -273,10 +304,17 @@ class AcousticModel(torch.nn.Module):
         x = F.pad(x, (0, 0, left, right))
         return x.unfold(1, size, stride).transpose(2, 3)
 
+    def _layer_input(self, x: Tensor, number: int) -> Tensor:
+        """The input of recurrent layer ``number``: layer-normalised, then (past the first
+        layer) dropped out."""
+        if self.norms:
+            x = self.norms[number](x)
+        return self.dropout(x) if number else x
+
     def _recurrent(self, x: Tensor, out_lens: Tensor, full: bool) -> Tensor:
         if not self.backward_rnns:
             for number, rnn in enumerate(self.forward_rnns):
-                x = rnn(self.dropout(x) if number else x)[0]
+                x = rnn(self._layer_input(x, number))[0]
             return x
         if full:
             def reverse(y):
@@ -289,10 +327,16 @@ class AcousticModel(torch.nn.Module):
                 return y.gather(0, index[..., None].expand_as(y))
         pairs = zip(self.forward_rnns, self.backward_rnns, strict=True)
         for number, (fwd, bwd) in enumerate(pairs):
-            if number:
-                x = self.dropout(x)
+            x = self._layer_input(x, number)
             x = torch.cat([fwd(x)[0], reverse(bwd(reverse(x))[0])], 2)
         return x
+
+
+def _gaussian(width: float) -> Tensor:
+    """Taps of a Gaussian of standard deviation ``width`` out to 3 widths, summing to 1."""
+    half = max(1, math.ceil(3 * width))
+    taps = torch.exp(-0.5 * (torch.arange(-half, half + 1, dtype=torch.float32) / width) ** 2)
+    return taps / taps.sum()
 
 
 def _coefficients(values, fill: float, num_coeffs: int, name: str) -> Tensor:

@@ -12,6 +12,7 @@ from cnn_mellin.decoding import decode, load_checkpoint_file
 from cnn_mellin.errors import DataError, UserError
 from cnn_mellin.training import TrainingDiverged, train
 from cnn_mellin.training import step as step_module
+from cnn_mellin.training.metrics import FIELDS
 from tests.training_fixtures import tiny_config, write_store
 
 
@@ -53,8 +54,7 @@ def test_training_learns_and_model_file_scores_as_reported(stores, tmp_path):
     assert result.history[result.best_epoch - 1]["dev_error"] == result.best_dev_error
     assert result.final_dev_error == errors[-1]
     assert result.history[-1]["train_loss"] < result.history[0]["train_loss"]
-    assert set(result.history[0]) == {"epoch", "train_loss", "dev_error", "lr", "skipped_steps",
-                                      "seconds", "cpu_seconds"}
+    assert set(result.history[0]) == set(FIELDS)
     # model.pt is the best epoch by actual dev error and decodes to that error on its own
     assert result.model_path == tmp_path / "model.pt"
     decoded = decode(tmp_path, dev_dir)
@@ -81,7 +81,7 @@ def test_same_seed_same_result_other_seed_differs(stores, tmp_path):
     a = train(config, train_dir, dev_dir, model_dir=tmp_path / "a")
     b = train(config, train_dir, dev_dir, model_dir=tmp_path / "b")
     train(config.replace({"training.seed": 1}), train_dir, dev_dir, model_dir=tmp_path / "c")
-    timing = ("seconds", "cpu_seconds")
+    timing = ("seconds", "cpu_seconds", "peak_memory_bytes")
     strip = [{k: v for k, v in h.items() if k not in timing} for h in a.history]
     assert strip == [{k: v for k, v in h.items() if k not in timing} for h in b.history]
     assert _same_weights(_weights(tmp_path / "a"), _weights(tmp_path / "b"))

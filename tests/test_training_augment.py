@@ -11,7 +11,7 @@ OFF = {
     "random_shift_proportion": 0.0, "max_time_warp": 0, "max_freq_warp": 0,
     "num_time_masks": 0, "max_time_mask": 20, "time_mask_max_proportion": 0.1,
     "num_freq_masks": 0, "max_freq_mask": 10, "freq_mask_max_proportion": 0.2,
-    "noise_std": 0.0,
+    "noise_std": 0.0, "constant_offset_std": 0.0, "time_mask_prob": 1.0,
 }
 
 

@@ -14,6 +14,7 @@ BASE = {
     "learning_rate": 1.0, "lr_schedule": "none", "final_lr_ratio": 0.1, "warmup_epochs": 0.0,
     "num_epochs": 10, "reduce_lr_factor": 0.5, "reduce_lr_patience": 1,
     "reduce_lr_threshold": 0.0, "reduce_lr_cooldown": 0, "reduce_lr_burnin": 0,
+    "warmup_steps": 0, "bad_step_lr_factor": 1.0,
 }
 
 

@@ -138,5 +138,21 @@ GROUP = Group(
             "recurrent layers and before the output layer.",
             low=0.0, high=0.9, search=Search(0.0, 0.5),
         ),
+        Param(
+            "input_dropout", float, 0.0, "Dropout probability of single values of the "
+            "normalised input frames.",
+            low=0.0, high=0.9, search=Search(0.0, 0.3),
+        ),
+        Param(
+            "input_smoothing_width", float, 0.0, "Standard deviation of a Gaussian smoothing "
+            "of the normalised input along time, in frames (samples for raw audio), in "
+            "training and decoding alike; 0 for none.",
+            low=0.0, high=100.0, search=Search(0.0, 3.0),
+        ),
+        Param(
+            "layer_norm", bool, False, "Layer normalisation of the input of every recurrent "
+            "layer (before the recurrent stack and between its layers).",
+            search=Search(choices=(False, True)), active=_recurrent,
+        ),
     ],
 )

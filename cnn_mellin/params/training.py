@@ -31,6 +31,14 @@ def _freq_masks(values, num_coeffs):
     return num_coeffs > 1 and values["training.num_freq_masks"] > 0
 
 
+def _warmup_in_epochs(values, num_coeffs):
+    return values["training.warmup_steps"] == 0
+
+
+def _mixed_precision(values, num_coeffs):
+    return values["training.mixed_precision"]
+
+
 def _early_stopping(values, num_coeffs):
     return values["training.early_stopping_patience"] > 0
 
@@ -75,8 +83,15 @@ GROUP = Group(
         ),
         Param(
             "warmup_epochs", float, 1.0,
-            "Epochs of linear learning-rate warmup from zero (fractions allowed; 0 for none).",
-            low=0.0, high=1000.0, search=Search(0.0, 5.0),
+            "Epochs of linear learning-rate warmup from zero (fractions allowed; 0 for none); "
+            "ignored when warmup_steps is above 0.",
+            low=0.0, high=1000.0, search=Search(0.0, 5.0), active=_warmup_in_epochs,
+        ),
+        Param(
+            "warmup_steps", int, 0,
+            "Optimiser steps of linear learning-rate warmup from zero; above 0 it replaces "
+            "warmup_epochs.",
+            low=0, high=10**7, search=Search(0, 1000),
         ),
         Param(
             "final_lr_ratio", float, 0.02,
@@ -120,9 +135,16 @@ GROUP = Group(
         ),
         Param(
             "mixed_precision", bool, False,
-            "Mixed precision on CUDA (bf16 where supported, else fp16 with loss scaling); "
-            "ignored on CPU.",
+            "Mixed precision on CUDA, in the dtype amp_dtype chooses; ignored on CPU.",
             search=Search(choices=(False, True)),
+        ),
+        Param(
+            "amp_dtype", str, "auto",
+            "Mixed precision dtype: bf16, fp16 (with loss scaling) or auto (bf16 on GPUs that "
+            "have it natively, compute capability 8.0 or later, else fp16). The search compares "
+            "auto and fp16, so it never tries bf16 where it is only emulated.",
+            choices=("auto", "bf16", "fp16"), search=Search(choices=("auto", "fp16")),
+            active=_mixed_precision,
         ),
         Param(
             "noise_std", float, 0.0,
@@ -130,8 +152,19 @@ GROUP = Group(
             low=0.0, high=10.0, search=Search(0.0, 0.5),
         ),
         Param(
+            "constant_offset_std", float, 0.0,
+            "One random offset per utterance and coefficient added to the input, in units of "
+            "each coefficient's std.",
+            low=0.0, high=10.0, search=Search(0.0, 0.5),
+        ),
+        Param(
             "num_time_masks", int, 0, "SpecAugment time masks per utterance.",
             low=0, high=100, search=Search(0, 4),
+        ),
+        Param(
+            "time_mask_prob", float, 1.0,
+            "Probability that an utterance gets its time masks at all.",
+            low=0.0, high=1.0, search=Search(0.1, 1.0), active=_time_masks,
         ),
         Param(
             "max_time_mask", int, 20, "Largest time-mask width in frames.",
@@ -191,6 +224,12 @@ GROUP = Group(
             "Consecutive steps with a non-finite loss or gradient (each skipped) after which "
             "training is declared diverged.",
             low=1, high=1000000,
+        ),
+        Param(
+            "bad_step_lr_factor", float, 1.0,
+            "Multiply the learning rate by this after every skipped step (non-finite loss or "
+            "gradient; fp16 loss-scale back-offs do not count); 1 for never.",
+            low=0.01, high=1.0, search=Search(0.3, 1.0),
         ),
     ],
 )

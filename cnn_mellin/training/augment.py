@@ -1,8 +1,9 @@
 """Training-time augmentation of padded feature batches (N, T, F) with lengths.
 
-Random shifts, SpecAugment-style time and frequency warps and masks, and input
-noise. Masked cells take the coefficient's mean (zero after the model's own
-normalisation); noise is scaled by each coefficient's std. Everything is
+Random shifts, SpecAugment-style time and frequency warps and masks (time masks for
+a random share of the utterances), input noise and a constant offset per utterance
+and coefficient. Masked cells take the coefficient's mean (zero after the model's own
+normalisation); noise and offsets are scaled by each coefficient's std. Everything is
 vectorised over the batch; random numbers come from one CPU ``torch.Generator``
 so a seed gives the same augmentation on any device.
 """
@@ -116,6 +117,7 @@ class Augmenter:
         return bool(
             p["random_shift_proportion"] > 0 or p["max_time_warp"] > 0 or p["max_freq_warp"] > 0
             or p["num_time_masks"] > 0 or p["num_freq_masks"] > 0 or p["noise_std"] > 0
+            or p["constant_offset_std"] > 0
         )
 
     def __call__(self, feats: torch.Tensor, lens: torch.Tensor, gen: torch.Generator):
@@ -135,6 +137,8 @@ class Augmenter:
                 lens.cpu(), t, p["num_time_masks"], p["max_time_mask"],
                 p["time_mask_max_proportion"], gen,
             )
+            if p["time_mask_prob"] < 1:
+                band = band & (torch.rand(n, generator=gen) < p["time_mask_prob"])[:, None]
             mask = band[:, :, None].expand(-1, -1, f)
         if p["num_freq_masks"] > 0 and f > 1:
             band = _band_mask(
@@ -148,9 +152,15 @@ class Augmenter:
             feats = torch.where(mask.to(feats.device), fill, feats)
         if p["noise_std"] > 0:
             noise = torch.randn(feats.shape, generator=gen).to(feats.device, feats.dtype)
-            scale = p["noise_std"] * (self.std.to(feats.device) if self.std is not None else 1.0)
-            feats = feats + noise * scale
+            feats = feats + noise * self._scale(p["noise_std"], feats)
+        if p["constant_offset_std"] > 0:
+            offset = torch.randn((n, 1, f), generator=gen).to(feats.device, feats.dtype)
+            feats = feats + offset * self._scale(p["constant_offset_std"], feats)
         return feats, lens
+
+    def _scale(self, std: float, like: torch.Tensor):
+        """``std`` in units of each coefficient's std (plain units without statistics)."""
+        return std * (self.std.to(like.device, like.dtype) if self.std is not None else 1.0)
 
     def _mean(self, f: int, like: torch.Tensor) -> torch.Tensor:
         if self.mean is None:

@@ -16,7 +16,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from cnn_mellin.config import parse_ini
+from cnn_mellin.config import Config, parse_ini
 from cnn_mellin.decoding import load_checkpoint_file, save_atomic
 from cnn_mellin.errors import UserError
 
@@ -71,9 +71,18 @@ def load_resume(model_dir, signature: dict[str, Any]) -> dict[str, Any] | None:
     return state
 
 
+def _values(ini: str, source: str) -> dict[str, Any]:
+    # parameters declared after the checkpoint was written take their defaults there
+    return dict(Config(parse_ini(ini, source)))
+
+
 def check_signature(path, stored: dict, current: dict) -> None:
-    """UserError naming what differs between a checkpoint's signature and this run's."""
-    old, new = parse_ini(stored["config"], str(path)), parse_ini(current["config"], "<run>")
+    """UserError naming what differs between a checkpoint's signature and this run's.
+
+    A parameter missing from the checkpoint's configuration (declared since) counts as
+    set to its default, so such checkpoints resume as long as it keeps that value.
+    """
+    old, new = _values(stored["config"], str(path)), _values(current["config"], "<run>")
     changed = sorted(k for k in old.keys() | new.keys() if old.get(k) != new.get(k))
     if changed:
         shown = ", ".join(f"{k} ({old.get(k)!r} -> {new.get(k)!r})" for k in changed[:5])

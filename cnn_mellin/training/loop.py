@@ -2,7 +2,9 @@
 
 Every random choice in epoch ``e`` (dropout, augmentation, shuffling) is derived from
 ``(training.seed, e)``, and each epoch ends with an atomic checkpoint, so a run
-restarted after being killed repeats the uninterrupted run exactly (on CPU).
+restarted after being killed repeats the uninterrupted run exactly (on CPU). The
+per-epoch history in that checkpoint is also written to ``metrics.jsonl``
+(:mod:`cnn_mellin.training.metrics`).
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ from cnn_mellin.decoding import BLANK, MODEL_FILE, decode_batches, error_counts,
 from cnn_mellin.errors import DataError, UserError
 from cnn_mellin.training.augment import Augmenter
 from cnn_mellin.training.checkpoint import load_resume, rng_states, save_resume, set_rng_states
+from cnn_mellin.training.metrics import peak_memory_bytes, write_metrics
 from cnn_mellin.training.schedule import LRSchedule, optimizer_from_params
 from cnn_mellin.training.step import Stepper, TrainingDiverged
 
@@ -143,7 +146,8 @@ def train(
     ``dev_dir`` (or ``dev_utts`` of ``train_dir``); without dev data the training loss
     takes its place for model selection, schedules and early stopping, and the dev
     error is reported as NaN. ``model_dir/model.pt`` is the best epoch by that measure;
-    ``model_dir/last.pt`` resumes training.
+    ``model_dir/last.pt`` resumes training; ``model_dir/metrics.jsonl`` has one line per
+    epoch (the ``history`` entries).
 
     ``epoch_callback(epoch, train_loss, dev_error)`` runs after each epoch's checkpoint; on
     resume it is first replayed for the epochs restored from the checkpoint, since a process
@@ -217,6 +221,7 @@ def train(
     if state is not None:
         stepper.scaler.load_state_dict(state["scaler"])
     resumed_from = epoch if state is not None else None
+    write_metrics(model_dir, history)  # drops lines of epochs the checkpoint does not hold
 
     if epoch_callback is not None:
         for past in history:
@@ -238,8 +243,11 @@ def train(
         skipped_total += stats.skipped_steps
         history.append({
             "epoch": epoch, "train_loss": stats.train_loss, "dev_error": dev_error,
-            "lr": stats.lr, "skipped_steps": stats.skipped_steps,
+            "lr": stats.lr, "grad_norm_mean": stats.grad_norm_mean,
+            "grad_norm_max": stats.grad_norm_max, "skipped_steps": stats.skipped_steps,
+            "scaler_backoffs": stats.scaler_backoffs,
             "seconds": time.perf_counter() - began, "cpu_seconds": _cpu_seconds() - cpu_began,
+            "peak_memory_bytes": peak_memory_bytes(dev),
         })
         if math.isfinite(monitor) and monitor < best["error"]:
             best = {"error": monitor, "epoch": epoch}
@@ -255,6 +263,7 @@ def train(
             "best": best, "early": early, "skipped_total": skipped_total, "stopped": stopped,
             "impossible": stepper.impossible,
         })
+        write_metrics(model_dir, history)
         log.info(
             "epoch %d/%d: train loss %.4f, dev PER %.4f, lr %.3g, %d skipped steps, %.1f s "
             "(%.1f CPU s)%s",

@@ -47,7 +47,10 @@ class LRSchedule:
 
     ``step()`` after every optimiser step (skipped ones too, so the schedule depends on
     the epoch structure only); ``epoch_end(value)`` after each epoch with the monitored
-    error (only the plateau schedule uses it). State is plain numbers.
+    error (only the plateau schedule uses it); ``bad_step()`` after a step skipped for a
+    non-finite loss or gradient scales every later rate by ``bad_step_lr_factor``. Warmup
+    lasts ``warmup_steps`` steps, or ``warmup_epochs`` epochs when that is 0. State is
+    plain numbers.
     """
 
     def __init__(self, params: Mapping[str, Any], steps_per_epoch: int):
@@ -59,7 +62,9 @@ class LRSchedule:
         self.threshold = params["reduce_lr_threshold"]
         self.cooldown = params["reduce_lr_cooldown"]
         self.burnin = params["reduce_lr_burnin"]
-        self.warmup_steps = round(params["warmup_epochs"] * steps_per_epoch)
+        self.bad_step_factor = params["bad_step_lr_factor"]
+        self.warmup_steps = params["warmup_steps"] or round(
+            params["warmup_epochs"] * steps_per_epoch)
         self.total_steps = max(params["num_epochs"] * steps_per_epoch, 1)
         self.steps = 0
         self.epochs = 0
@@ -67,6 +72,7 @@ class LRSchedule:
         self.best = math.inf
         self.bad_epochs = 0
         self.cooldown_left = 0
+        self.bad_scale = 1.0
 
     def lr(self) -> float:
         """The rate for the next optimiser step."""
@@ -80,7 +86,7 @@ class LRSchedule:
             rate *= self.final_ratio + (1.0 - self.final_ratio) * cosine
         elif self.kind == "plateau":
             rate *= self.scale
-        return rate
+        return rate * self.bad_scale
 
     def apply(self, optimizer: torch.optim.Optimizer) -> float:
         """Set the optimiser's rate for the next step; returns it."""
@@ -91,6 +97,10 @@ class LRSchedule:
 
     def step(self) -> None:
         self.steps += 1
+
+    def bad_step(self) -> None:
+        """A step was skipped for a non-finite loss or gradient: lower every later rate."""
+        self.bad_scale *= self.bad_step_factor
 
     def epoch_end(self, value: float) -> None:
         """Plateau bookkeeping with the epoch's monitored error (non-finite counts as worse)."""
@@ -110,11 +120,12 @@ class LRSchedule:
             self.cooldown_left = self.cooldown
             self.bad_epochs = 0
 
-    _STATE = ("steps", "epochs", "scale", "best", "bad_epochs", "cooldown_left")
+    _STATE = ("steps", "epochs", "scale", "best", "bad_epochs", "cooldown_left", "bad_scale")
 
     def state_dict(self) -> dict:
         return {k: getattr(self, k) for k in self._STATE}
 
     def load_state_dict(self, state: Mapping) -> None:
         for k in self._STATE:
-            setattr(self, k, state[k])
+            # checkpoints older than bad_scale hold no entry for it: 1.0 is what they ran with
+            setattr(self, k, state.get(k, 1.0) if k == "bad_scale" else state[k])

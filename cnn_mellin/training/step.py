@@ -1,5 +1,12 @@
 """Optimiser steps of one epoch: augmentation, CTC loss, accumulation, clipping, mixed
-precision, and skipping of steps whose loss or gradient is not finite."""
+precision, and skipping of steps whose loss or gradient is not finite.
+
+Under fp16 loss scaling a non-finite gradient is usually the scale being too high:
+``GradScaler`` skips that update and halves the scale. Such a back-off is counted on
+its own, not as a bad step, while the scale is above 1; at a scale of 1 or less the
+gradient is non-finite by itself and the step is bad (so a real NaN still ends in
+``TrainingDiverged`` rather than halving the scale forever).
+"""
 
 from __future__ import annotations
 
@@ -13,6 +20,7 @@ import torch
 import torch.nn.functional as F
 
 from cnn_mellin.decoding import BLANK
+from cnn_mellin.training.precision import autocast_dtype, needs_loss_scaling
 
 log = logging.getLogger(__name__)
 
@@ -39,20 +47,19 @@ def ctc_loss(log_probs, out_lens, targets, target_lens, valid):
     return (losses * valid).sum() / valid.sum().clamp(min=1)
 
 
-def amp_setup(device: torch.device, wanted: bool):
-    """(autocast dtype or None, whether to scale the loss) for ``device``."""
-    if not wanted or device.type != "cuda":
-        return None, False
-    if torch.cuda.is_bf16_supported():
-        return torch.bfloat16, False
-    return torch.float16, True
+_MIN_BACKOFF_SCALE = 1.0  # at or below this loss scale a non-finite gradient is a bad step
 
 
 @dataclass
 class EpochStats:
+    """What one epoch's steps did; gradient norms are before clipping, over applied steps."""
+
     train_loss: float
     skipped_steps: int
     lr: float
+    grad_norm_mean: float = math.nan
+    grad_norm_max: float = math.nan
+    scaler_backoffs: int = 0
 
 
 class Stepper:
@@ -66,11 +73,12 @@ class Stepper:
                  impossible=()):
         self.model, self.optimizer, self.schedule = model, optimizer, schedule
         self.p, self.device, self.augmenter = params, device, augmenter
-        self.amp_dtype, scale = amp_setup(device, params["mixed_precision"])
+        self.amp_dtype = autocast_dtype(params, device)
         if params["mixed_precision"] and self.amp_dtype is None:
             log.info("mixed precision asked for but the device is %s: training in float32",
                      device)
-        self.scaler = torch.amp.GradScaler("cuda", enabled=scale)
+        self.scaler = torch.amp.GradScaler(device.type,
+                                           enabled=needs_loss_scaling(self.amp_dtype))
         self.bad_run = 0
         self.impossible = list(impossible)
 
@@ -98,24 +106,33 @@ class Stepper:
         return ctc_loss(log_probs, out_lens, batch.targets, batch.target_lens,
                         valid.to(torch.float32))
 
-    def _update(self) -> bool:
-        """Unscale, clip and apply the accumulated gradient; False if it was not finite."""
+    def _update(self) -> tuple[str, float]:
+        """Unscale, clip and apply the accumulated gradient.
+
+        Returns ("applied" | "bad" | "backoff", gradient norm before clipping).
+        """
         self.scaler.unscale_(self.optimizer)
         limit = self.p["max_grad_norm"] if self.p["max_grad_norm"] > 0 else math.inf
-        norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), limit)
-        finite = bool(torch.isfinite(norm))
-        if self.scaler.is_enabled():
-            self.scaler.step(self.optimizer)  # skips the update itself on inf/NaN gradients
-            self.scaler.update()
-        elif finite:
+        norm = float(torch.nn.utils.clip_grad_norm_(self.model.parameters(), limit))
+        if not self.scaler.is_enabled():
+            if not math.isfinite(norm):
+                return "bad", norm
             self.optimizer.step()
-        return finite
+            return "applied", norm
+        scale = self.scaler.get_scale()
+        self.scaler.step(self.optimizer)  # skips the update itself on inf/NaN gradients
+        self.scaler.update()
+        if math.isfinite(norm):
+            return "applied", norm
+        return ("backoff" if scale > _MIN_BACKOFF_SCALE else "bad"), norm
 
     def run_epoch(self, loader, epoch: int, gen: torch.Generator, bar) -> EpochStats:
         """One pass over ``loader``; raises TrainingDiverged after too many bad steps."""
         accumulation = self.p["grad_accumulation"]
         self.model.train()
         loss_sum, loss_count, skipped, rate = 0.0, 0, 0, math.nan
+        norms: list[float] = []
+        backoffs = 0
         bad, seen = False, 0
         self.optimizer.zero_grad(set_to_none=True)
         non_blocking = self.device.type == "cuda"
@@ -132,15 +149,24 @@ class Stepper:
             if (index + 1) % accumulation and index + 1 < len(loader):
                 continue
             rate = self.schedule.apply(self.optimizer)
-            ok = not bad and (self._update() if seen else True)
+            outcome = "bad" if bad else "applied"
+            if not bad and seen:
+                outcome, norm = self._update()
+                if outcome == "applied":
+                    norms.append(norm)
             self.optimizer.zero_grad(set_to_none=True)
             self.schedule.step()
             bad, seen = False, 0
-            if ok:
+            if outcome == "applied":
                 self.bad_run = 0
+            elif outcome == "backoff":
+                backoffs += 1
+                log.debug("epoch %d step %d: fp16 gradient overflow, loss scale now %g", epoch,
+                          self.schedule.steps, self.scaler.get_scale())
             else:
                 skipped += 1
                 self.bad_run += 1
+                self.schedule.bad_step()
                 log.debug("epoch %d step %d: non-finite loss or gradient, skipped", epoch,
                           self.schedule.steps)
                 if self.bad_run >= self.p["max_bad_steps"]:
@@ -149,4 +175,8 @@ class Stepper:
                         f"gradient (epoch {epoch}, learning rate {rate:.3g})"
                     )
             bar.set_postfix(loss=f"{loss_sum / max(loss_count, 1):.3f}", refresh=False)
-        return EpochStats(loss_sum / loss_count if loss_count else math.nan, skipped, rate)
+        return EpochStats(
+            loss_sum / loss_count if loss_count else math.nan, skipped, rate,
+            sum(norms) / len(norms) if norms else math.nan, max(norms, default=math.nan),
+            backoffs,
+        )
