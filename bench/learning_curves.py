@@ -188,15 +188,40 @@ def _machine() -> dict:
 
 
 def _versions() -> dict:
+    import subprocess
     from importlib.metadata import version
 
     import optuna
     import torch
+
+    try:  # the package version alone does not say which code trained
+        head = subprocess.run(["git", "-C", str(ROOT), "describe", "--always", "--dirty"],
+                              capture_output=True, text=True, timeout=30).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        head = ""
     return {"torch": torch.__version__, "optuna": optuna.__version__,
-            "cnn-mellin": version("cnn-mellin")}
+            "cnn-mellin": version("cnn-mellin"), "git": head}
 
 
-def open_table(args, corpus: dict) -> tuple[Path, Path, int, set[int]]:
+def space_json(num_coeffs: int) -> dict:
+    """The searched distributions (Optuna JSON) of both draws, as the code declares them now."""
+    import optuna
+
+    from cnn_mellin.optim import space
+
+    out = {}
+    for blacklist in (SM_BLACKLIST, TRAINING_BLACKLIST):
+        for mellin in (False, True):
+            base = base_config(1, 4, mellin)
+            names = space.select(base, num_coeffs, blacklist=list(blacklist)).names
+            for name, dist in space.distributions(names).items():
+                out[name] = optuna.distributions.distribution_to_json(dist)
+    mellin = space.distributions(["model.convolutional_mellin"])["model.convolutional_mellin"]
+    out["model.convolutional_mellin"] = optuna.distributions.distribution_to_json(mellin)
+    return out
+
+
+def open_table(args, corpus: dict, num_coeffs: int) -> tuple[Path, Path, int, set[int]]:
     """Check/extend the meta file, drop unfinished rows; (curves, configs, session, done)."""
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -221,6 +246,7 @@ def open_table(args, corpus: dict) -> tuple[Path, Path, int, set[int]]:
         "versions": _versions(), "machine": _machine(), "torch_threads": args.threads,
         "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS"),
         "loadavg_at_start": os.getloadavg(), "command": " ".join(sys.argv),
+        "space": space_json(num_coeffs),
     })
     tmp = meta_path.with_suffix(".tmp")
     tmp.write_text(json.dumps(meta, indent=1) + "\n")
@@ -327,7 +353,7 @@ def main(argv=None) -> None:
         "train_utts": len(train_utts), "dev_utts": len(dev_utts),
         "fingerprint": task.info["fingerprint"],
     }
-    curves, configs, session, done = open_table(args, corpus)
+    curves, configs, session, done = open_table(args, corpus, task.num_coeffs)
     log.info("%d configurations finished before; %d train / %d dev utterances", len(done),
              len(train_utts), len(dev_utts))
     until = None
