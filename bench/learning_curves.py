@@ -76,7 +76,7 @@ def parse_args(argv=None):
     p.add_argument("--utterances", type=int, default=200,
                    help="training utterances spoken (the main job's 200)")
     p.add_argument("--synth-seed", type=int, default=0)
-    p.add_argument("--epochs", type=int, default=12,
+    p.add_argument("--epochs", type=int, default=24,
                    help="epochs per configuration (cosine schedule over these epochs)")
     p.add_argument("--batch-size", type=int, default=4, help="conf/optim/demo.ini's 4")
     p.add_argument("--seed", type=int, default=0, help="seed of the configuration draws")
@@ -86,7 +86,7 @@ def parse_args(argv=None):
                    help="share of configurations that change 1-3 model parameters of the base")
     p.add_argument("--mem-limit-bytes", type=float, default=5e8,
                    help="estimated peak over this: recorded as 'memory', not trained")
-    p.add_argument("--max-config-seconds", type=float, default=600.0,
+    p.add_argument("--max-config-seconds", type=float, default=720.0,
                    help="stop a configuration after this many wall seconds ('timeout')")
     p.add_argument("--max-configs", type=int, default=100000,
                    help="configuration indices 0..N-1 (the table's target)")
