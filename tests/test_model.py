@@ -54,6 +54,9 @@ def test_forward_backward_shapes(mellin_time, num_coeffs):
     {"convolutional_mellin": True, "convolutional_factor_sched": 2, "convolutional_layers": 3},
     {"convolutional_mellin": True, "recurrent_type": "gru", "recurrent_bidirectional": False},
     {"recurrent_type": "rnn", "recurrent_layers": 1},
+    {"layer_norm": True, "input_smoothing_width": 1.5},
+    {"layer_norm": True, "recurrent_bidirectional": False, "input_smoothing_width": 0.7,
+     "convolutional_mellin": True},
 ])
 @pytest.mark.parametrize("num_coeffs", [1, 9])
 def test_padding_does_not_change_outputs(overrides, num_coeffs):
@@ -200,6 +203,8 @@ def test_inactive_parameters():
     assert not GROUP["recurrent_size"].active({**values, "model.recurrent_layers": 0}, 81)
     assert not GROUP["convolutional_time_factor"].active(
         {**values, "model.convolutional_factor_sched": 3}, 81)
+    assert not GROUP["layer_norm"].active({**values, "model.recurrent_layers": 0}, 81)
+    assert GROUP["layer_norm"].active(values, 81)
 
 
 def test_stage_ini_files_differ_only_in_mellin():
@@ -218,3 +223,84 @@ def test_second_order_gradients_through_the_model():
                                 create_graph=True)
     sum((g ** 2).sum() for g in grads).backward()
     assert feats.grad is not None and feats.grad.abs().sum() > 0
+
+
+def _recurrent_inputs(model):
+    """Record the input of every recurrent layer (forward direction) on the next call."""
+    seen = []
+    for rnn in model.forward_rnns:
+        rnn.register_forward_pre_hook(lambda module, args: seen.append(args[0].detach()))
+    return seen
+
+
+@pytest.mark.parametrize("bidirectional", [True, False])
+def test_layer_norm_normalises_the_input_of_every_recurrent_layer(bidirectional):
+    torch.manual_seed(6)
+    params = {**SMALL, "recurrent_layers": 3, "recurrent_bidirectional": bidirectional}
+    plain = AcousticModel(params, 7).eval()
+    normed = AcousticModel({**params, "layer_norm": True}, 7).eval()
+    assert len(normed.norms) == 3 and not plain.norms
+    assert normed.norms[0].normalized_shape == (plain.forward_rnns[0].input_size,)
+    feats, lens = _batch(7, [15, 15], seed=3)
+    seen_plain, seen_normed = _recurrent_inputs(plain), _recurrent_inputs(normed)
+    plain(feats, lens)
+    normed(feats, lens)
+    assert len(seen_normed) == 3
+    for x in seen_normed:  # a fresh LayerNorm: zero mean, unit variance per position
+        torch.testing.assert_close(x.mean(-1), torch.zeros(x.shape[:2]), atol=1e-5, rtol=0)
+        # (var / (var + eps): a little under 1 for small inputs)
+        torch.testing.assert_close(x.var(-1, unbiased=False), torch.ones(x.shape[:2]),
+                                   atol=1e-2, rtol=0)
+    assert not torch.allclose(seen_plain[0].mean(-1), torch.zeros(seen_plain[0].shape[:2]),
+                              atol=1e-3)
+    assert {"norms.0.weight", "norms.2.bias"} <= set(normed.state_dict())
+
+
+def test_input_dropout_zeroes_and_rescales_single_input_values():
+    torch.manual_seed(7)
+    model = AcousticModel({**SMALL, "input_dropout": 0.5}, 6)
+    seen = []
+    model.convs[0].register_forward_pre_hook(lambda module, args: seen.append(args[0].detach()))
+    feats, lens = _batch(6, [40, 40], seed=4)
+    model.eval()
+    model(feats, lens)
+    model.train()
+    model(feats, lens)
+    clean, dropped = seen  # windows of the normalised input, (windows, 1, size, F)
+    zeroed = dropped == 0
+    assert 0.4 < float(zeroed.float().mean()) < 0.6
+    torch.testing.assert_close(dropped[~zeroed], 2 * clean[~zeroed])
+    assert AcousticModel(SMALL, 6).input_dropout.p == 0
+
+
+def test_input_smoothing_is_a_gaussian_along_time_inside_each_sequence():
+    torch.manual_seed(8)
+    width = 2.0
+    model = AcousticModel({**SMALL, "input_smoothing_width": width, "window_size": 1,
+                           "window_stride": 1, "convolutional_layers": 0}, 3).eval()
+    seen = []
+    model.forward_rnns[0].register_forward_pre_hook(
+        lambda module, args: seen.append(args[0].detach()))
+    feats = torch.zeros(2, 41, 3)
+    feats[0, 20, 0] = 1.0  # an impulse in the middle of the first sequence
+    feats[1, :25] = 5.0  # a constant over the whole second sequence (25 frames)
+    feats[1, 25:] = 100.0  # padding
+    model(feats, torch.tensor([41, 25]))
+    x = seen[0]  # (T', N, F): one window per frame here
+    impulse = x[:, 0, 0]
+    t = torch.arange(41.0)
+    assert impulse.sum() == pytest.approx(1.0, abs=1e-5)
+    centre = (impulse * t).sum()
+    assert centre == pytest.approx(20.0, abs=1e-4)
+    assert ((impulse * (t - centre) ** 2).sum()).sqrt() == pytest.approx(width, rel=0.02)
+    assert (x[:, 0, 1:] == 0).all()  # other coefficients untouched
+    # a constant stays constant up to the sequence's edges, and the padding stays zero
+    torch.testing.assert_close(x[:25, 1], torch.full((25, 3), 5.0))
+    assert (x[25:, 1] == 0).all()
+
+
+def test_smoothing_is_not_saved_with_the_weights():
+    torch.manual_seed(9)
+    smooth = AcousticModel({**SMALL, "input_smoothing_width": 1.0}, 5)
+    assert "smoothing" not in smooth.state_dict()
+    AcousticModel(SMALL, 5).load_state_dict(smooth.state_dict())
