@@ -231,7 +231,8 @@ def open_table(args, corpus: dict, num_coeffs: int) -> tuple[Path, Path, int, se
     settings = {
         "epochs": args.epochs, "batch_size": args.batch_size, "seed": args.seed,
         "training_share": args.training_share, "near_share": args.near_share,
-        "mem_limit_bytes": args.mem_limit_bytes, "max_config_cpu_seconds": args.max_config_cpu_seconds,
+        "mem_limit_bytes": args.mem_limit_bytes,
+        "max_config_cpu_seconds": args.max_config_cpu_seconds,
         "base": "defaults + conf/optim/demo.ini, num_epochs and batch_size as above",
         "sm_blacklist": list(SM_BLACKLIST), "training_blacklist": list(TRAINING_BLACKLIST),
         "device": "cpu",
