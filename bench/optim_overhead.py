@@ -43,7 +43,7 @@ class NoopTask(Task):
     name = "noop"
 
     @classmethod
-    def prepare(cls, data_dir, config, dev_proportion):
+    def prepare(cls, options, config):
         return {"num_coeffs": 41}
 
     def run(self, config, context):

@@ -186,15 +186,19 @@ class Group:
         return any(p.name == name for p in self.params)
 
 
-def _groups() -> tuple[Group, ...]:
+def builtin_groups() -> tuple[Group, ...]:
+    """The acoustic model's groups (model, training, data): the default configuration's."""
     from cnn_mellin.params import GROUPS
 
     return GROUPS
 
 
-def parameters() -> dict[str, Param]:
-    """Every declared parameter by full name ``group.param``, in declaration order."""
-    return {f"{g.name}.{p.name}": p for g in _groups() for p in g.params}
+def parameters(groups: Iterable[Group] | None = None) -> dict[str, Param]:
+    """Every parameter of ``groups`` (default: the built-in ones) by full name ``group.param``."""
+    return {
+        f"{g.name}.{p.name}": p
+        for g in (builtin_groups() if groups is None else groups) for p in g.params
+    }
 
 
 class _GroupView:
@@ -212,10 +216,18 @@ class _GroupView:
 
 
 class Config(Mapping[str, Any]):
-    """An immutable, validated configuration: defaults overridden by ``values``."""
+    """An immutable, validated configuration: defaults overridden by ``values``.
 
-    def __init__(self, values: Mapping[str, Any] | None = None):
-        params = parameters()
+    Its parameters are those of ``groups`` (default: :func:`builtin_groups`); a trial task
+    with parameters of its own (a user's training script) brings its own groups.
+    """
+
+    def __init__(
+        self, values: Mapping[str, Any] | None = None, groups: Iterable[Group] | None = None
+    ):
+        self._groups = tuple(builtin_groups() if groups is None else groups)
+        params = parameters(self._groups)
+        self._params = params
         merged = {name: param.default for name, param in params.items()}
         for name, value in (values or {}).items():
             if name not in params:
@@ -236,7 +248,7 @@ class Config(Mapping[str, Any]):
         return len(self._values)
 
     def __getattr__(self, group: str) -> _GroupView:
-        if group.startswith("_") or group not in {g.name for g in _groups()}:
+        if group.startswith("_") or group not in {g.name for g in self._groups}:
             raise AttributeError(group)
         return _GroupView(self, group)
 
@@ -247,8 +259,18 @@ class Config(Mapping[str, Any]):
         return hash(tuple(sorted(self._values.items())))
 
     def __repr__(self) -> str:
-        changed = {k: v for k, v in self._values.items() if parameters()[k].default != v}
+        changed = {k: v for k, v in self._values.items() if self._params[k].default != v}
         return f"Config({changed!r})"
+
+    @property
+    def groups(self) -> tuple[Group, ...]:
+        """The parameter groups this configuration is made of, in ``.ini`` order."""
+        return self._groups
+
+    @property
+    def params(self) -> dict[str, Param]:
+        """The declarations of this configuration's parameters by full name."""
+        return dict(self._params)
 
     def group(self, name: str) -> dict[str, Any]:
         """The values of one group keyed by the short parameter name."""
@@ -257,12 +279,12 @@ class Config(Mapping[str, Any]):
 
     def replace(self, updates: Mapping[str, Any]) -> Config:
         """A new configuration with ``updates`` (full names) applied and checked."""
-        return Config({**self._values, **updates})
+        return Config({**self._values, **updates}, self._groups)
 
     def to_ini(self, comments: bool = True) -> str:
         """The full configuration as ``.ini`` text, one section per group."""
         lines: list[str] = []
-        for group in _groups():
+        for group in self._groups:
             if lines:
                 lines.append("")
             if comments:
@@ -280,16 +302,29 @@ class Config(Mapping[str, Any]):
         write_text_atomic(path, self.to_ini())
 
     @classmethod
-    def from_ini(cls, paths: Iterable[str | os.PathLike], base: Config | None = None) -> Config:
-        """Read ``.ini`` files in order (later ones win) on top of ``base`` or the defaults."""
+    def from_ini(
+        cls, paths: Iterable[str | os.PathLike], base: Config | None = None,
+        groups: Iterable[Group] | None = None,
+    ) -> Config:
+        """Read ``.ini`` files in order (later ones win) on top of ``base`` or the defaults.
+
+        ``groups`` defaults to those of ``base``, else the built-in ones.
+        """
+        if groups is None and base is not None:
+            groups = base.groups
+        groups = tuple(builtin_groups() if groups is None else groups)
         values = dict(base._values) if base is not None else {}
         for path in paths:
-            values.update(read_ini(path))
-        return cls(values)
+            values.update(read_ini(path, groups))
+        return cls(values, groups)
 
 
-def read_ini(path: str | os.PathLike) -> dict[str, Any]:
-    """The values set in one ``.ini`` file, checked strictly; raises ConfigError."""
+def read_ini(path: str | os.PathLike, groups: Iterable[Group] | None = None) -> dict[str, Any]:
+    """The values set in one ``.ini`` file, checked strictly; raises ConfigError.
+
+    A file that sets nothing is an error too: it is most likely the remains of a failed
+    ``best - > file.ini``, and reading it as "all defaults" would hide that.
+    """
     path = Path(path)
     try:
         text = path.read_text()
@@ -297,10 +332,15 @@ def read_ini(path: str | os.PathLike) -> dict[str, Any]:
         raise ConfigError(f"{path}: no such file") from None
     except (OSError, UnicodeDecodeError) as err:
         raise ConfigError(f"{path}: cannot read: {err}") from None
-    return parse_ini(text, str(path))
+    values = parse_ini(text, str(path), groups)
+    if not values:
+        raise ConfigError(f"{path}: sets no parameter (empty .ini file)")
+    return values
 
 
-def parse_ini(text: str, source: str = "<string>") -> dict[str, Any]:
+def parse_ini(
+    text: str, source: str = "<string>", groups: Iterable[Group] | None = None
+) -> dict[str, Any]:
     """Parse ``.ini`` text as :func:`read_ini` does; ``source`` names it in errors."""
     parser = configparser.ConfigParser(
         interpolation=None, strict=True, default_section="\x00no-default"
@@ -311,7 +351,7 @@ def parse_ini(text: str, source: str = "<string>") -> dict[str, Any]:
     except configparser.Error as err:
         first = str(err).splitlines()[0].rstrip(":.")
         raise ConfigError(f"{source}: not a valid .ini file: {first}") from None
-    groups = {g.name: g for g in _groups()}
+    groups = {g.name: g for g in (builtin_groups() if groups is None else groups)}
     values: dict[str, Any] = {}
     for section in parser.sections():
         group = groups.get(section)

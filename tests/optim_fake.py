@@ -14,6 +14,7 @@ import math
 import os
 import signal
 import time
+from pathlib import Path
 
 from cnn_mellin.errors import ConfigError, DataError
 from cnn_mellin.tasks import MemoryFigure, Task, TaskResult
@@ -31,10 +32,11 @@ class FakeTask(Task):
     name = "fake"
 
     @classmethod
-    def prepare(cls, data_dir, config, dev_proportion):
+    def prepare(cls, options, config):
+        data_dir = Path(options["data_dir"])
         if not data_dir.is_dir():
             raise DataError(f"{data_dir}: no such directory")
-        return {"num_coeffs": 41, "data_dir": str(data_dir), "dev_proportion": dev_proportion}
+        return {"num_coeffs": 41, "data_dir": str(data_dir.resolve())}
 
     def check(self, config):
         if config["model.window_size"] < config["model.window_stride"]:

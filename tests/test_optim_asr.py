@@ -11,7 +11,7 @@ import torch
 from optuna.trial import TrialState
 
 from cnn_mellin.config import Config
-from cnn_mellin.optim.heartbeat import WORKER_ATTR
+from cnn_mellin.optim.attrs import WORKER as WORKER_ATTR
 from cnn_mellin.optim.study import build_settings, init_study
 from cnn_mellin.optim.worker import run_worker
 from tests.optim_helpers import load, start_worker, states, wait_all
@@ -28,7 +28,7 @@ def _asr_study(url, tmp_path, name="asr", num_trials=2, limit=None, config=None,
         config or tiny_config(num_epochs=2), data, task="asr",
         whitelist=["training.learning_rate", "model.recurrent_size"], num_trials=num_trials,
         mem_limit_bytes=limit, pruner="none", checkpoint_dir=tmp_path / "ckpt" / name,
-        heartbeat_interval=1.0, dev_proportion=0.25, **options,
+        heartbeat_interval=1.0, task_options={"dev_proportion": 0.25}, **options,
     )
     init_study(url, name, settings)
     return settings

@@ -171,7 +171,7 @@ def test_asr_init_reads_the_store(tmp_path):
     write_store(tmp_path / "other", 3, seed=1)
     settings = build_settings(
         tiny_config(num_epochs=1), data, task="asr", whitelist=["training.learning_rate"],
-        checkpoint_dir=tmp_path / "c", dev_proportion=0.25,
+        checkpoint_dir=tmp_path / "c", task_options={"dev_proportion": 0.25},
     )
     info = settings.task_info
     assert info["num_coeffs"] == 8 and info["num_utts"] == 12

@@ -13,7 +13,9 @@ from optuna.trial import TrialState
 
 from cnn_mellin.errors import DataError
 from cnn_mellin.optim import budget
-from cnn_mellin.optim.heartbeat import BEAT_KEY, WORKER_ATTR, Monitor, StaleWatch, WorkerIdentity
+from cnn_mellin.optim.attrs import BEAT_KEY
+from cnn_mellin.optim.attrs import WORKER as WORKER_ATTR
+from cnn_mellin.optim.heartbeat import Monitor, StaleWatch, WorkerIdentity
 from cnn_mellin.optim.study import checkpoint_root, read_settings
 from cnn_mellin.optim.worker import run_worker
 from tests.optim_helpers import (

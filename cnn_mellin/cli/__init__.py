@@ -89,7 +89,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         stream=sys.stderr,
     )
     try:
-        config = Config.from_ini(args.read_ini)
+        # the command's trial task decides which parameter groups the .ini files hold
+        groups = args.config_groups(args) if getattr(args, "config_groups", None) else None
+        config = Config.from_ini(args.read_ini, groups=groups)
         if args.seed is not None:
             config = config.replace({"training.seed": args.seed})
         if args.print_ini:

@@ -56,14 +56,13 @@ def register(commands) -> None:
 
 
 def _register_init(actions) -> None:
+    from cnn_mellin.cli.task_options import add_task_arguments
     from cnn_mellin.optim.defaults import (
-        DEFAULT_DEV_PROPORTION,
         DEFAULT_HEARTBEAT_S,
         DEFAULT_MAX_RETRIES,
         DEFAULT_NUM_TRIALS,
         PRUNERS,
     )
-    from cnn_mellin.tasks import PLANNED, task_names
 
     init = actions.add_parser(
         "init", help="create the study (validated; same arguments again: no-op)",
@@ -71,10 +70,11 @@ def _register_init(actions) -> None:
         "base configuration (from the global --read-ini), searched parameters, budget and "
         "limits. Parameters that cannot matter given the base configuration are dropped with "
         "a warning. Re-running with the same arguments does nothing; with different ones it "
-        "is an error.",
+        "is an error. Each task adds options of its own (below).",
     )
-    init.add_argument("data_dir", metavar="DATA_DIR", help="training data (a folder with "
-                      "feats.h5); the dev part is split off it by --dev-proportion")
+    init.add_argument("data_dir", metavar="DATA_DIR", nargs="?", default=None,
+                      help="the task's data: for asr the training data (a folder with "
+                      "feats.h5), the dev part split off it by --dev-proportion")
     which = init.add_mutually_exclusive_group()
     which.add_argument("--blacklist", nargs="+", default=[], metavar="RE",
                        help="do not search parameters whose full name matches one of these")
@@ -90,12 +90,6 @@ def _register_init(actions) -> None:
                       f"(default {DEFAULT_NUM_TRIALS})")
     init.add_argument("--pruner", choices=PRUNERS, default="hyperband",
                       help="early stopping of poor trials (default hyperband)")
-    init.add_argument("--task", default="asr", metavar="TASK",
-                      help=f"what a trial does: {', '.join(task_names())} (planned: "
-                      f"{', '.join(PLANNED)}), or module:Class (default asr)")
-    init.add_argument("--dev-proportion", type=float, default=DEFAULT_DEV_PROPORTION, metavar="P",
-                      help="share of DATA_DIR held out for the dev error, split by speaker "
-                      "when utterance ids carry one (default %(default)s)")
     init.add_argument("--checkpoint-dir", default=None, metavar="DIR",
                       help="where trials keep epoch checkpoints for resuming after a worker "
                       "dies (default exp/optim/checkpoints/NAME)")
@@ -107,6 +101,7 @@ def _register_init(actions) -> None:
                       "(default 3 intervals)")
     init.add_argument("--max-retries", type=_int, default=DEFAULT_MAX_RETRIES, metavar="N",
                       help="retries of a trial whose worker died (default %(default)s)")
+    add_task_arguments(init)
     init.set_defaults(func=run_init, needs_device=False)
 
 
@@ -196,16 +191,19 @@ def _open(args):
 
 
 def run_init(args, config) -> int:
+    from cnn_mellin.cli.task_options import task_options
     from cnn_mellin.optim.storage import display_url
     from cnn_mellin.optim.study import build_settings, default_study_name, init_study
 
     _quiet_optuna(args)
     name = args.study_name or default_study_name(args.data_dir, args.read_ini, args.task)
+    _, options = task_options(args)
+    options.pop("data_dir")
     settings = build_settings(
-        config, args.data_dir, task=args.task, whitelist=args.whitelist,
-        blacklist=args.blacklist, num_trials=args.num_trials,
+        config, args.data_dir, task=args.task, task_options=options,
+        whitelist=args.whitelist, blacklist=args.blacklist, num_trials=args.num_trials,
         mem_limit_bytes=args.mem_limit_bytes, pruner=args.pruner,
-        num_data_workers=args.num_data_workers, dev_proportion=args.dev_proportion,
+        num_data_workers=args.num_data_workers,
         checkpoint_dir=args.checkpoint_dir or Path("exp/optim/checkpoints") / name,
         heartbeat_interval=args.heartbeat_interval, heartbeat_grace=args.heartbeat_grace,
         max_retries=args.max_retries,
@@ -250,11 +248,10 @@ def run_important(args, config) -> int:
 
 def run_best(args, config) -> int:
     from cnn_mellin.optim.best import best_text
-    from cnn_mellin.tasks import get_task
 
     study, settings = _open(args)
-    task = get_task(settings.task)(settings.task_info)
-    _emit(best_text(study, settings, task, independent=args.independent), args.out)
+    _emit(best_text(study, settings, settings.build_task(), independent=args.independent),
+          args.out)
     return 0
 
 

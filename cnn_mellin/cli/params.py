@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import sys
 
-from cnn_mellin.config import Config, match_names, parameters
+from cnn_mellin.cli.task_options import add_task_arguments
+from cnn_mellin.config import Config, match_names
 
 
 def register(commands) -> None:
@@ -12,7 +13,9 @@ def register(commands) -> None:
         "params",
         help="list tunable parameters with default, search range and doc",
         description="List parameters (name, default, search range, doc). REGEX are matched in "
-        "full against names such as model.window_size; default: every tunable parameter.",
+        "full against names such as model.window_size; default: every tunable parameter. "
+        "With --task, the parameters of that trial task (e.g. --task command --space FILE: "
+        "a training script's own).",
     )
     parser.add_argument(
         "regex", nargs="*", metavar="REGEX", help="only names matching one of these"
@@ -20,6 +23,7 @@ def register(commands) -> None:
     parser.add_argument(
         "--all", action="store_true", help="include parameters that are not searched"
     )
+    add_task_arguments(parser, default=None)
     parser.set_defaults(func=run, needs_device=False)
 
 
@@ -39,7 +43,7 @@ def describe_search(param) -> str:
 
 
 def run(args, config: Config) -> int:
-    params = parameters()
+    params = config.params
     names = list(params)
     if args.regex:
         names = match_names(args.regex, names, "params")

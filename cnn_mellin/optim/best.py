@@ -1,9 +1,10 @@
 """``optim best``: the best configuration of a study as ``.ini`` text.
 
 Either the best trial's full configuration (base + its parameters), or with
-``independent=True`` each searched parameter's value with the lowest median error
+``independent=True`` each searched parameter's value with the best median value
 over completed trials, judged one parameter at a time and then repaired by the task
-into a valid combination.
+into a valid combination. "Best" follows the study's direction (lowest error, or the
+highest value of a metric a ``command`` study maximises).
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from typing import Any
 
 import optuna
 from optuna.distributions import CategoricalDistribution
+from optuna.study import StudyDirection
 from optuna.trial import FrozenTrial, TrialState
 
 from cnn_mellin.config import Config
@@ -37,9 +39,15 @@ def _completed(study: optuna.Study) -> list[FrozenTrial]:
     return trials
 
 
+def sign(study: optuna.Study) -> int:
+    """+1 when lower values are better in ``study``, -1 when higher ones are."""
+    return -1 if study.direction == StudyDirection.MAXIMIZE else 1
+
+
 def best_trial(study: optuna.Study) -> FrozenTrial:
-    """The completed trial with the lowest value (lowest number on ties)."""
-    return min(_completed(study), key=lambda t: (t.value, t.number))
+    """The completed trial with the best value (lowest number on ties)."""
+    s = sign(study)
+    return min(_completed(study), key=lambda t: (s * t.value, t.number))
 
 
 def trial_config(settings: StudySettings, trial: FrozenTrial) -> Config:
@@ -50,7 +58,8 @@ def trial_config(settings: StudySettings, trial: FrozenTrial) -> Config:
 def lowest_median_value(pairs: list[tuple[Any, float]], categorical: bool) -> Any:
     """The parameter value whose trials have the lowest median error.
 
-    ``pairs`` are (value, error). Few distinct values (or categorical ones) are compared
+    ``pairs`` are (value, error); negate the values of a study that maximises.
+    Few distinct values (or categorical ones) are compared
     directly; many are split into equal-count ranges, and the winning range gives its
     median value (an observed one).
     """
@@ -76,10 +85,11 @@ def lowest_median_value(pairs: list[tuple[Any, float]], categorical: bool) -> An
 def independent_config(study: optuna.Study, settings: StudySettings, task: Task) -> Config:
     """Each searched parameter's lowest-median-error value, repaired into a valid config."""
     trials = _completed(study)
-    dists = space.distributions(settings.searched)
+    dists = space.distributions(settings.searched, task.params())
+    s = sign(study)
     chosen: dict[str, Any] = {}
     for name in settings.searched:
-        pairs = [(t.params[name], t.value) for t in trials if name in t.params]
+        pairs = [(t.params[name], s * t.value) for t in trials if name in t.params]
         if pairs:
             categorical = isinstance(dists[name], CategoricalDistribution)
             chosen[name] = lowest_median_value(pairs, categorical)
@@ -95,11 +105,12 @@ def best_text(
     if independent:
         config = independent_config(study, settings, task)
         header = (
-            f"# study {study.study_name}: each searched parameter's value with the lowest "
-            "median error, repaired into a valid combination\n"
+            f"# study {study.study_name}: each searched parameter's value with the best "
+            "median value, repaired into a valid combination\n"
         )
     else:
         trial = best_trial(study)
         config = trial_config(settings, trial)
         header = f"# study {study.study_name}: best trial {trial.number}, value {trial.value!r}\n"
+    header += "".join(f"# {line}\n" for line in task.describe(config))
     return header + config.to_ini()

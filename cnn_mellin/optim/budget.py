@@ -27,17 +27,18 @@ import optuna
 from optuna.exceptions import StorageInternalError, UpdateFinishedTrialError
 from optuna.trial import FrozenTrial, TrialState
 
+from cnn_mellin.optim import internals
+from cnn_mellin.optim.attrs import (
+    FAIL_KIND,
+    FAIL_REASON,
+    REPLACE_REASON,
+    REPLACES,
+    RETRY_COUNT,
+    RETRY_OF,
+)
+
 _log = logging.getLogger("cnn_mellin.optim")
 
-# user attributes of replacement trials
-REPLACES = "replaces"
-RETRY_OF = "retry_of"
-RETRY_COUNT = "retry_count"
-REPLACE_REASON = "replace_reason"
-# user attributes of failed trials
-FAIL_REASON = "fail_reason"
-FAIL_KIND = "fail_kind"  # "dead" | "interrupted" | "error" | "duplicate"
-DUPLICATE_OF = "duplicate_of"
 
 LIVE_STATES = (TrialState.WAITING, TrialState.RUNNING, TrialState.COMPLETE, TrialState.PRUNED)
 
@@ -81,10 +82,7 @@ def trials_in(study: optuna.Study, states: tuple[TrialState, ...]) -> list[Froze
     listing, which with a budget of WAITING trials is the whole budget; asking the
     underlying storage filters in SQL instead.
     """
-    storage = study._storage
-    if isinstance(storage, optuna.storages._CachedStorage):
-        storage = storage._backend
-    return storage.get_all_trials(study._study_id, deepcopy=False, states=states)
+    return internals.trials_in(study, states, through_cache=False)
 
 
 def create_slots(
@@ -140,15 +138,15 @@ def fail_and_replace(
     Only the process whose FAIL transition succeeds enqueues, so concurrent reapers of
     one dead trial create a single replacement.
     """
-    storage = study._storage
+    storage, trial_id = internals.storage(study), internals.trial_id(trial)
     try:
-        storage.set_trial_user_attr(trial._trial_id, FAIL_REASON, reason)
-        storage.set_trial_user_attr(trial._trial_id, FAIL_KIND, kind)
-        if not storage.set_trial_state_values(trial._trial_id, TrialState.FAIL):
+        storage.set_trial_user_attr(trial_id, FAIL_REASON, reason)
+        storage.set_trial_user_attr(trial_id, FAIL_KIND, kind)
+        if not storage.set_trial_state_values(trial_id, TrialState.FAIL):
             return False
     except UpdateFinishedTrialError:
         return False
-    replace(study, storage.get_trial(trial._trial_id), kind, reason, max_retries)
+    replace(study, storage.get_trial(trial_id), kind, reason, max_retries)
     return True
 
 
@@ -158,7 +156,8 @@ def is_duplicate(trial: FrozenTrial, trials: Sequence[FrozenTrial]) -> FrozenTri
     if target is None:
         return None
     for other in trials:
-        if other._trial_id < trial._trial_id and other.user_attrs.get(REPLACES) == target:
+        if internals.trial_id(other) < internals.trial_id(trial) and \
+                other.user_attrs.get(REPLACES) == target:
             if other.user_attrs.get(FAIL_KIND) != "duplicate":
                 return other
     return None
@@ -223,10 +222,8 @@ class SlotClaimer:
         self._rng = random.Random(seed)
 
     def _refresh(self) -> None:
-        # through Optuna's cache (not trials_in): trials must be known to it to be suggested
-        waiting = self._study._storage.get_all_trials(
-            self._study._study_id, deepcopy=False, states=(TrialState.WAITING,)
-        )
+        # through the cache (unlike trials_in): trials must be known to it to be suggested
+        waiting = internals.trials_in(self._study, (TrialState.WAITING,))
         retries = sorted((t for t in waiting if RETRY_OF in t.user_attrs), key=lambda t: t.number)
         fresh = [t for t in waiting if RETRY_OF not in t.user_attrs]
         self._rng.shuffle(fresh)
@@ -252,12 +249,12 @@ class SlotClaimer:
             refreshed = True
 
     def _pop(self, max_misses: int | None) -> FrozenTrial | None:
-        storage = self._study._storage
+        storage = internals.storage(self._study)
         misses = 0
         while self._queue and (max_misses is None or misses < max_misses):
             trial = self._queue.pop(0)
             try:
-                if storage.set_trial_state_values(trial._trial_id, TrialState.RUNNING):
+                if storage.set_trial_state_values(internals.trial_id(trial), TrialState.RUNNING):
                     return trial
             except (UpdateFinishedTrialError, StorageInternalError):
                 pass  # taken and finished meanwhile; or SQLite lock contention

@@ -31,13 +31,13 @@ import optuna
 from optuna.exceptions import UpdateFinishedTrialError
 from optuna.trial import FrozenTrial, TrialState
 
-from cnn_mellin.optim import budget
+from cnn_mellin.optim import budget, internals
+from cnn_mellin.optim.attrs import BEAT_KEY
+from cnn_mellin.optim.attrs import WORKER as WORKER_ATTR
 from cnn_mellin.optim.storage import outage_recoveries
 
 _log = logging.getLogger("cnn_mellin.optim")
 
-WORKER_ATTR = "worker"  # user attribute: host, device, pid, ... of the worker
-BEAT_KEY = "cnn_mellin:heartbeat"
 
 
 def _read(path: str) -> str:
@@ -137,13 +137,13 @@ class StaleWatch:
                 stale.append((trial, f"worker {ident.host}:{ident.pid} died"))
                 continue
             token = (trial.system_attrs.get(BEAT_KEY), ident)
-            seen = self._seen.get(trial._trial_id)
+            seen = self._seen.get(internals.trial_id(trial))
             if seen is None or seen[0] != token:
-                self._seen[trial._trial_id] = (token, now)
+                self._seen[internals.trial_id(trial)] = (token, now)
             elif now - seen[1] > self._grace_s:
                 who = f"worker {ident.host}:{ident.pid}" if ident else "its worker"
                 stale.append((trial, f"no heartbeat from {who} for {self._grace_s:g} s"))
-        ids = {t._trial_id for t in running}
+        ids = {internals.trial_id(t) for t in running}
         for trial_id in list(self._seen):
             if trial_id not in ids:
                 del self._seen[trial_id]
@@ -175,7 +175,7 @@ class Monitor:
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self._last_reconcile = time.monotonic()
-        self._recoveries = outage_recoveries(study._storage)
+        self._recoveries = outage_recoveries(internals.storage(study))
         self.on_enqueue: Callable[[], None] | None = None  # after retries were enqueued
 
     def start(self) -> None:
@@ -220,7 +220,7 @@ class Monitor:
         if trial_id is None:
             return
         try:
-            self._study._storage.set_trial_system_attr(trial_id, BEAT_KEY, time.time())
+            internals.storage(self._study).set_trial_system_attr(trial_id, BEAT_KEY, time.time())
         except UpdateFinishedTrialError:
             with self._lock:
                 if self._own == trial_id:
@@ -229,7 +229,7 @@ class Monitor:
     def reap(self) -> int:
         """Fail the trials of dead workers and enqueue their retries; returns how many."""
         running = budget.trials_in(self._study, (TrialState.RUNNING,))
-        recoveries = outage_recoveries(self._study._storage)
+        recoveries = outage_recoveries(internals.storage(self._study))
         if recoveries != self._recoveries:
             self._recoveries = recoveries
             self._watch.restart()

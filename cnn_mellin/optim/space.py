@@ -96,11 +96,14 @@ def _can_matter(
 
 
 def select(
-    base: Mapping[str, Any], num_coeffs: int, *, whitelist: Sequence[str] | None = None,
-    blacklist: Sequence[str] = (),
+    base: Mapping[str, Any], num_coeffs: int, params: Mapping[str, Param] | None = None, *,
+    whitelist: Sequence[str] | None = None, blacklist: Sequence[str] = (),
 ) -> Selection:
-    """Choose the searched parameters; raises ConfigError if nothing is left to search."""
-    params = parameters()
+    """Choose the searched parameters among ``params`` (default: the built-in ones).
+
+    Raises ConfigError if nothing is left to search.
+    """
+    params = parameters() if params is None else params
     tunable = [name for name, param in params.items() if param.tunable]
     dropped: dict[str, str] = {}
     if whitelist is not None:
@@ -136,16 +139,20 @@ def select(
     return Selection(names, dropped, unmatched)
 
 
-def distributions(names: Iterable[str]) -> dict[str, BaseDistribution]:
-    """Distributions of the named parameters."""
-    params = parameters()
+def distributions(
+    names: Iterable[str], params: Mapping[str, Param] | None = None
+) -> dict[str, BaseDistribution]:
+    """Distributions of the named parameters (of ``params``, default: the built-in ones)."""
+    params = parameters() if params is None else params
     return {name: distribution(params[name]) for name in names}
 
 
-def suggest(trial, names: Iterable[str]) -> dict[str, Any]:
+def suggest(
+    trial, names: Iterable[str], params: Mapping[str, Param] | None = None
+) -> dict[str, Any]:
     """Sample every searched parameter for ``trial`` (an ``optuna.Trial``), in order."""
     values: dict[str, Any] = {}
-    for name, dist in distributions(names).items():
+    for name, dist in distributions(names, params).items():
         if isinstance(dist, CategoricalDistribution):
             values[name] = trial.suggest_categorical(name, list(dist.choices))
         elif isinstance(dist, IntDistribution):

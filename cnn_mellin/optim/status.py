@@ -12,14 +12,13 @@ import optuna
 from optuna.trial import TrialState
 
 from cnn_mellin.optim import budget
-from cnn_mellin.optim.heartbeat import WORKER_ATTR
+from cnn_mellin.optim.attrs import FAIL_KIND, FAIL_REASON, PRUNE_KIND, PRUNE_REASON, RETRY_OF
+from cnn_mellin.optim.attrs import WORKER as WORKER_ATTR
 from cnn_mellin.optim.study import StudySettings
 
 
 def study_status(study: optuna.Study, settings: StudySettings) -> dict[str, Any]:
     """Everything ``status`` shows, as JSON-serialisable data."""
-    from cnn_mellin.optim import worker as w
-
     trials = study.get_trials(deepcopy=False)
     counts = budget.count(trials, settings.num_trials)
     now = datetime.now()
@@ -27,7 +26,8 @@ def study_status(study: optuna.Study, settings: StudySettings) -> dict[str, Any]
         t for t in trials
         if t.state == TrialState.COMPLETE and t.value is not None and math.isfinite(t.value)
     ]
-    best = min(completed, key=lambda t: (t.value, t.number)) if completed else None
+    sign = -1 if study.direction == optuna.study.StudyDirection.MAXIMIZE else 1
+    best = min(completed, key=lambda t: (sign * t.value, t.number)) if completed else None
     running = []
     for t in trials:
         if t.state != TrialState.RUNNING:
@@ -39,16 +39,16 @@ def study_status(study: optuna.Study, settings: StudySettings) -> dict[str, Any]
             if t.datetime_start else None,
             "host": ident.get("host"), "pid": ident.get("pid"), "device": ident.get("device"),
             "epochs_reported": len(t.intermediate_values),
-            "retry_of": t.user_attrs.get(budget.RETRY_OF),
+            "retry_of": t.user_attrs.get(RETRY_OF),
         })
     failures = [
-        {"number": t.number, "kind": t.user_attrs.get(budget.FAIL_KIND),
-         "reason": t.user_attrs.get(budget.FAIL_REASON, "unknown")}
+        {"number": t.number, "kind": t.user_attrs.get(FAIL_KIND),
+         "reason": t.user_attrs.get(FAIL_REASON, "unknown")}
         for t in trials if t.state == TrialState.FAIL
     ]
     pruned = [
-        {"number": t.number, "kind": t.user_attrs.get(w.PRUNE_KIND),
-         "reason": t.user_attrs.get(w.PRUNE_REASON, "unknown")}
+        {"number": t.number, "kind": t.user_attrs.get(PRUNE_KIND),
+         "reason": t.user_attrs.get(PRUNE_REASON, "unknown")}
         for t in trials if t.state == TrialState.PRUNED
     ]
     return {

@@ -33,6 +33,7 @@ import optuna
 from optuna.storages import BaseStorage
 
 from cnn_mellin.errors import UserError
+from cnn_mellin.optim import internals
 
 DEFAULT_JOURNAL = Path("exp") / "optim" / "studies.journal"
 _RDB_DIALECTS = ("postgresql", "mysql", "mariadb", "sqlite")
@@ -198,7 +199,7 @@ def open_storage(
         _harden_sqlite(storage.engine)
     if max_outage_s is not None:
         storage = OutageTolerantStorage(storage, spec.display, max_outage_s)
-    return optuna.storages._CachedStorage(storage)
+    return internals.cached(storage)
 
 
 def _open_journal(spec: StorageSpec, create: bool) -> BaseStorage:
@@ -350,6 +351,5 @@ class OutageTolerantStorage:
 
 def outage_recoveries(storage) -> int:
     """How many database outages ``storage`` rode out (0 for a plain storage)."""
-    if isinstance(storage, optuna.storages._CachedStorage):
-        storage = storage._backend
+    storage = internals.uncached(storage)
     return storage.recoveries if isinstance(storage, OutageTolerantStorage) else 0

@@ -1,10 +1,11 @@
 """Creating a study (``optim init``) and reading back what it stores.
 
 A study's user attributes hold everything a worker needs: the full base
-configuration, the searched names, the data location and train/dev split (in the
-task's info), the task, the memory limit, the budget, the pruner, the heartbeat
-timing and the software version. ``init`` validates everything before it writes;
-re-running it with the same arguments is a no-op and with different ones an error.
+configuration, the searched names, the task and what it stored (its ``info``: for
+``asr`` the data location and train/dev split), the memory limit, the budget, the
+pruner, the heartbeat timing and the software version. ``init`` validates everything
+before it writes; re-running it with the same arguments is a no-op and with different
+ones an error.
 The budget's trials are created at ``init`` as WAITING trials (see
 :mod:`cnn_mellin.optim.budget`).
 """
@@ -13,12 +14,11 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import math
 import os
 import re
 import time
 import uuid
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -28,21 +28,18 @@ import optuna
 from cnn_mellin import __version__
 from cnn_mellin.config import Config
 from cnn_mellin.errors import ConfigError, UserError
-from cnn_mellin.optim import budget, space
+from cnn_mellin.optim import budget, internals, space
+from cnn_mellin.optim.attrs import READY_KEY, UID_KEY
 from cnn_mellin.optim.defaults import (
-    DEFAULT_DEV_PROPORTION,
     DEFAULT_HEARTBEAT_S,
     DEFAULT_MAX_RETRIES,
     DEFAULT_NUM_TRIALS,
     PRUNERS,
 )
 from cnn_mellin.optim.storage import display_url, open_storage, parse_url, study_names
-from cnn_mellin.tasks import get_task
+from cnn_mellin.tasks import Task, get_task, make_task
 
 _log = logging.getLogger("cnn_mellin.optim")
-
-READY_KEY = "cnn_mellin:ready"
-UID_KEY = "cnn_mellin:uid"
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.+-]{0,127}$")
 
 
@@ -53,13 +50,11 @@ class StudySettings:
     task: str
     base_config: dict[str, Any]
     searched: list[str]
-    data_dir: str
     task_info: dict[str, Any]
     num_trials: int
     mem_limit_bytes: int | None
     pruner: str
     num_data_workers: int
-    dev_proportion: float
     checkpoint_dir: str
     heartbeat_interval: float
     heartbeat_grace: float
@@ -70,9 +65,13 @@ class StudySettings:
     # fields a repeated init may differ in without conflict
     _NOT_COMPARED = ("version",)
 
+    def build_task(self) -> Task:
+        """The study's task, built from what it stored at ``init`` (the one factory)."""
+        return make_task(self.task, self.task_info)
+
     def config(self) -> Config:
-        """The base configuration as a :class:`Config`."""
-        return Config(self.base_config)
+        """The base configuration as a :class:`Config` of the task's parameter groups."""
+        return self.build_task().config(self.base_config)
 
     def to_attrs(self) -> dict[str, Any]:
         """The study user attributes that store these settings."""
@@ -131,13 +130,18 @@ class InitResult:
     settings: StudySettings
 
 
-def default_study_name(data_dir: str | os.PathLike, read_ini: Sequence[str], task: str) -> str:
+def default_study_name(
+    data_dir: str | os.PathLike | None, read_ini: Sequence[str], task: str
+) -> str:
     """The recipe's naming: ``<last --read-ini stem>-<feature>`` (task name if no .ini).
 
-    The feature is the data dir's parent folder for ``.../<feature>/train`` layouts.
+    The feature is the data dir's parent folder for ``.../<feature>/train`` layouts (none
+    without a data dir).
     """
-    path = Path(os.path.abspath(data_dir))
-    feature = path.parent.name if path.name in ("train", "dev", "test") else path.name
+    feature = ""
+    if data_dir is not None:
+        path = Path(os.path.abspath(data_dir))
+        feature = path.parent.name if path.name in ("train", "dev", "test") else path.name
     stem = Path(read_ini[-1]).stem if read_ini else task
     if feature and not stem.endswith("-" + feature):
         return f"{stem}-{feature}"
@@ -146,8 +150,7 @@ def default_study_name(data_dir: str | os.PathLike, read_ini: Sequence[str], tas
 
 def _check_options(
     num_trials: int, mem_limit_bytes: int | None, pruner: str, num_data_workers: int,
-    dev_proportion: float, heartbeat_interval: float, heartbeat_grace: float,
-    max_retries: int,
+    heartbeat_interval: float, heartbeat_grace: float, max_retries: int,
 ) -> None:
     if num_trials < 1:
         raise ConfigError(f"--num-trials must be at least 1, got {num_trials}")
@@ -157,8 +160,6 @@ def _check_options(
         raise ConfigError(f"--pruner must be one of {', '.join(PRUNERS)}, got {pruner!r}")
     if num_data_workers < 0:
         raise ConfigError(f"--num-data-workers must be 0 or more, got {num_data_workers}")
-    if not (0.0 < dev_proportion < 1.0) or math.isnan(dev_proportion):
-        raise ConfigError(f"--dev-proportion must be in (0, 1), got {dev_proportion}")
     if not heartbeat_interval > 0:
         raise ConfigError(f"--heartbeat-interval must be positive, got {heartbeat_interval}")
     if heartbeat_grace < 2 * heartbeat_interval:
@@ -171,33 +172,35 @@ def _check_options(
 
 
 def build_settings(
-    config: Config, data_dir: str | os.PathLike, *, task: str = "asr",
+    config: Config, data_dir: str | os.PathLike | None, *, task: str = "asr",
+    task_options: Mapping[str, Any] | None = None,
     whitelist: Sequence[str] | None = None, blacklist: Sequence[str] = (),
     num_trials: int = DEFAULT_NUM_TRIALS, mem_limit_bytes: int | None = None,
     pruner: str = "hyperband", num_data_workers: int = 0,
-    dev_proportion: float = DEFAULT_DEV_PROPORTION,
     checkpoint_dir: str | os.PathLike, heartbeat_interval: float = DEFAULT_HEARTBEAT_S,
     heartbeat_grace: float | None = None, max_retries: int = DEFAULT_MAX_RETRIES,
 ) -> StudySettings:
     """Validate every ``init`` argument and the data, and build the settings to store.
 
+    ``task_options`` are the task's own options (see :attr:`Task.OPTIONS`; defaults filled
+    in); ``data_dir`` is the one positional ``DATA_DIR``, which a task may not need.
     Writes nothing. Warns (logging) about each dropped parameter.
     """
     if heartbeat_grace is None:
         heartbeat_grace = 3 * heartbeat_interval
     _check_options(
-        num_trials, mem_limit_bytes, pruner, num_data_workers, dev_proportion,
-        heartbeat_interval, heartbeat_grace, max_retries,
+        num_trials, mem_limit_bytes, pruner, num_data_workers, heartbeat_interval,
+        heartbeat_grace, max_retries,
     )
     if whitelist is not None and blacklist:
         raise ConfigError("give either --whitelist or --blacklist, not both")
     task_cls = get_task(task)
-    data_path = Path(os.path.abspath(data_dir))
-    info = task_cls.prepare(data_path, config, dev_proportion)
+    options = task_cls.resolve_options({**(task_options or {}), "data_dir": data_dir})
+    info = task_cls.prepare(options, config)
     task_obj = task_cls(info)
-    base = dict(config)
+    base = dict(task_obj.config(config))
     selection = space.select(
-        base, task_obj.num_coeffs, whitelist=whitelist, blacklist=blacklist
+        base, task_obj.num_coeffs, task_obj.params(), whitelist=whitelist, blacklist=blacklist
     )
     option = "--whitelist" if whitelist is not None else "--blacklist"
     for pattern in selection.unmatched:
@@ -205,9 +208,9 @@ def build_settings(
     for name, why in selection.dropped.items():
         _log.warning("not searching %s: %s", name, why)
     return StudySettings(
-        task=task, base_config=base, searched=list(selection.names), data_dir=str(data_path),
-        task_info=info, num_trials=num_trials, mem_limit_bytes=mem_limit_bytes,
-        pruner=pruner, num_data_workers=num_data_workers, dev_proportion=dev_proportion,
+        task=task, base_config=base, searched=list(selection.names), task_info=info,
+        num_trials=num_trials, mem_limit_bytes=mem_limit_bytes, pruner=pruner,
+        num_data_workers=num_data_workers,
         checkpoint_dir=str(Path(os.path.abspath(checkpoint_dir))),
         heartbeat_interval=float(heartbeat_interval), heartbeat_grace=float(heartbeat_grace),
         max_retries=max_retries, dropped=dict(selection.dropped),
@@ -282,7 +285,8 @@ def init_study(
         storage = open_storage(db_url, create=True)
         try:
             study = optuna.create_study(
-                study_name=study_name, storage=storage, direction="minimize"
+                study_name=study_name, storage=storage,
+                direction=settings.build_task().direction,
             )
         except optuna.exceptions.DuplicatedStudyError:
             return init_study(db_url, study_name, settings, stall_s)  # a concurrent init won
@@ -298,34 +302,30 @@ def _write(study: optuna.Study, settings: StudySettings) -> None:
     budget.create_slots(study, settings.num_trials, base_params(settings))
     # checkpoints live under a folder of this study's own: a study deleted and created again
     # under the same name (as the recipe's "drop database" does) never resumes stale ones
-    if UID_KEY not in study._storage.get_study_system_attrs(study._study_id):
-        study._storage.set_study_system_attr(study._study_id, UID_KEY, uuid.uuid4().hex[:12])
-    study._storage.set_study_system_attr(study._study_id, READY_KEY, True)
+    if UID_KEY not in internals.study_system_attrs(study):
+        internals.set_study_system_attr(study, UID_KEY, uuid.uuid4().hex[:12])
+    internals.set_study_system_attr(study, READY_KEY, True)
 
 
 def base_params(settings: StudySettings) -> dict[str, Any]:
     """The base configuration's values of the searched parameters that lie in their ranges."""
-    distributions = space.distributions(settings.searched)
-    values = {}
-    for name, dist in distributions.items():
-        value = settings.base_config.get(name)
-        try:
-            if value is not None and dist._contains(dist.to_internal_repr(value)):
-                values[name] = value
-        except (ValueError, TypeError):
-            pass
-    return values
+    distributions = space.distributions(settings.searched, settings.build_task().params())
+    return {
+        name: settings.base_config[name] for name, dist in distributions.items()
+        if settings.base_config.get(name) is not None
+        and internals.contains(dist, settings.base_config[name])
+    }
 
 
 def checkpoint_root(study: optuna.Study, settings: StudySettings) -> Path:
     """The folder holding this study's per-trial checkpoint folders."""
-    uid = study._storage.get_study_system_attrs(study._study_id).get(UID_KEY, "")
+    uid = internals.study_system_attrs(study).get(UID_KEY, "")
     return Path(settings.checkpoint_dir) / uid if uid else Path(settings.checkpoint_dir)
 
 
 def is_ready(study: optuna.Study) -> bool:
     """Whether ``init`` finished writing ``study``."""
-    return bool(study._storage.get_study_system_attrs(study._study_id).get(READY_KEY))
+    return bool(internals.study_system_attrs(study).get(READY_KEY))
 
 
 def read_settings(study: optuna.Study) -> StudySettings:

@@ -33,33 +33,39 @@ from optuna.trial import FrozenTrial, TrialState
 
 from cnn_mellin.config import Config
 from cnn_mellin.errors import ConfigError, UserError
-from cnn_mellin.optim import budget, space
+from cnn_mellin.optim import budget, internals, space
+from cnn_mellin.optim.attrs import (
+    ADMISSION_BYTES,
+    ADMISSION_METHOD,
+    DUPLICATE_OF,
+    EPOCHS,
+    FAIL_KIND,
+    MEMORY_CONSTRAINT,
+    PEAK_BYTES,
+    PEAK_METHOD,
+    PRUNE_KIND,
+    PRUNE_REASON,
+    REPLACES,
+    RESUMED_FROM,
+    RETRY_OF,
+    VALID_CONSTRAINT,
+    WALL_TIME,
+)
+from cnn_mellin.optim.attrs import WORKER as WORKER_ATTR
 from cnn_mellin.optim.defaults import DEFAULT_MAX_OUTAGE_S, SAMPLERS
-from cnn_mellin.optim.heartbeat import WORKER_ATTR, Monitor, WorkerIdentity
+from cnn_mellin.optim.heartbeat import Monitor, WorkerIdentity
 from cnn_mellin.optim.storage import (
     DatabaseUnreachable,
     load_study,
     open_storage,
 )
 from cnn_mellin.optim.study import StudySettings, checkpoint_root, read_settings
-from cnn_mellin.tasks import PruneTrial, Task, TrialContext, get_task
+from cnn_mellin.tasks import MemoryExceeded, PruneTrial, Task, TrialContext
 
 _log = logging.getLogger("cnn_mellin.optim")
 
 MAX_CONSECUTIVE_ERRORS = 3
 
-# trial user attributes written by the worker
-WALL_TIME = "wall_time_s"
-EPOCHS = "epochs"
-PEAK_BYTES = "peak_bytes"
-PEAK_METHOD = "peak_bytes_method"
-ADMISSION_BYTES = "admission_bytes"
-ADMISSION_METHOD = "admission_method"
-PRUNE_REASON = "prune_reason"
-PRUNE_KIND = "prune_kind"  # pruner | memory | oom | invalid | nonfinite | a task's own
-RESUMED_FROM = "resumed_from_epoch"
-MEMORY_CONSTRAINT = "memory"
-VALID_CONSTRAINT = "valid"
 
 
 class WorkerStopped(BaseException):
@@ -175,7 +181,7 @@ class Worker:
         self.storage = open_storage(db_url, max_outage_s=max_outage_s)
         self.study = load_study(self.storage, study_name, db_url)
         self.settings = read_settings(self.study)
-        self.task = get_task(self.settings.task)(self.settings.task_info)
+        self.task = self.settings.build_task()
         self.task.verify()
         self.study.pruner = make_pruner(self.settings, self.task)
         self.device = device
@@ -183,7 +189,8 @@ class Worker:
         self.seed = seed
         self.max_trials = max_trials
         self.identity = WorkerIdentity.current(device)
-        self.base = self.settings.config()
+        self.base = self.task.config(self.settings.base_config)
+        self.params = self.task.params()
         interval = self.settings.heartbeat_interval
         self.poll_s = max(0.2, min(interval, 5.0))
         self.monitor = Monitor(
@@ -238,9 +245,10 @@ class Worker:
 
     def run_trial(self, claimed: FrozenTrial) -> str:
         """Run one claimed (RUNNING) trial to its end; returns the outcome's name."""
-        storage = self.study._storage
-        trial_id = claimed._trial_id
-        storage.set_trial_user_attr(trial_id, WORKER_ATTR, self.identity.to_attr())
+        trial_id = internals.trial_id(claimed)
+        internals.storage(self.study).set_trial_user_attr(
+            trial_id, WORKER_ATTR, self.identity.to_attr()
+        )
         self.monitor.own(trial_id)
         try:
             return self._run_owned(claimed)
@@ -248,13 +256,13 @@ class Worker:
             self.monitor.release()
 
     def _run_owned(self, claimed: FrozenTrial) -> str:
-        storage = self.study._storage
-        trial_id = claimed._trial_id
-        if budget.REPLACES in claimed.user_attrs:
+        storage = internals.storage(self.study)
+        trial_id = internals.trial_id(claimed)
+        if REPLACES in claimed.user_attrs:
             earlier = budget.is_duplicate(claimed, self.study.get_trials(deepcopy=False))
             if earlier is not None:
-                storage.set_trial_user_attr(trial_id, budget.DUPLICATE_OF, earlier.number)
-                storage.set_trial_user_attr(trial_id, budget.FAIL_KIND, "duplicate")
+                storage.set_trial_user_attr(trial_id, DUPLICATE_OF, earlier.number)
+                storage.set_trial_user_attr(trial_id, FAIL_KIND, "duplicate")
                 storage.set_trial_state_values(trial_id, TrialState.FAIL)
                 return "duplicate"
         self.study.sampler = make_sampler(self.sampler_name, trial_seed(self.seed, claimed.number))
@@ -272,6 +280,12 @@ class Worker:
         except optuna.TrialPruned as pruned:
             reason = str(pruned) or "pruned by the pruner"
             return self._finish_pruned(trial, facts, started, _Prune("pruner", reason))
+        except MemoryExceeded as over:
+            facts[PEAK_BYTES], facts[PEAK_METHOD] = over.peak_bytes, over.method
+            return self._finish_pruned(
+                trial, facts, started,
+                _Prune(over.kind, over.reason, self._memory_violation(over.peak_bytes)),
+            )
         except PruneTrial as pruned:
             return self._finish_pruned(trial, facts, started, _Prune(pruned.kind, pruned.reason))
         except TrialLost:
@@ -305,7 +319,7 @@ class Worker:
         facts[EPOCHS] = result.epochs
         if result.peak_bytes is not None:
             facts[PEAK_BYTES] = int(result.peak_bytes)
-            facts[PEAK_METHOD] = "measured during training"
+            facts[PEAK_METHOD] = result.peak_method
         elif ADMISSION_BYTES in facts:
             facts[PEAK_BYTES] = facts[ADMISSION_BYTES]
             facts[PEAK_METHOD] = facts[ADMISSION_METHOD]
@@ -319,7 +333,7 @@ class Worker:
         return self._tell(trial, facts, TrialState.COMPLETE, result.value)
 
     def _attempt(self, trial, claimed, facts, reported, checkpoint_dir):
-        params = space.suggest(trial, self.settings.searched)
+        params = space.suggest(trial, self.settings.searched, self.params)
         try:
             config = self.base.replace(params)
             self.task.check(config)
@@ -327,12 +341,12 @@ class Worker:
             raise _Prune(
                 "invalid", f"invalid configuration: {err}", (VALID_CONSTRAINT, 1.0)
             ) from None
-        if self.monitor.lost(trial._trial_id):
+        if self.monitor.lost(internals.trial_id(trial)):
             raise TrialLost()
         self._admit(config, facts)
 
         def report(epoch: int, value: float) -> None:
-            if self.monitor.lost(trial._trial_id):
+            if self.monitor.lost(internals.trial_id(trial)):
                 raise TrialLost()
             facts[EPOCHS] = epoch
             if not math.isfinite(value):
@@ -349,7 +363,8 @@ class Worker:
         context = TrialContext(
             device=self.device, checkpoint_dir=checkpoint_dir,
             num_data_workers=self.settings.num_data_workers, report=report,
-            trial_number=claimed.number,
+            trial_number=claimed.number, mem_limit_bytes=self.settings.mem_limit_bytes,
+            record=facts.__setitem__,
         )
         return self.task.run(config, context)
 
@@ -391,15 +406,11 @@ class Worker:
     def _copy_history(self, trial: optuna.Trial, claimed: FrozenTrial) -> set[int]:
         """A retry starts with its failed predecessor's per-epoch values (kept, not lost)."""
         reported: set[int] = set()
-        if budget.RETRY_OF not in claimed.user_attrs:
+        if RETRY_OF not in claimed.user_attrs:
             return reported
-        number = claimed.user_attrs.get(budget.REPLACES)
+        number = claimed.user_attrs.get(REPLACES)
         try:
-            previous = self.study._storage.get_trial(
-                self.study._storage.get_trial_id_from_study_id_trial_number(
-                    self.study._study_id, int(number)
-                )
-            )
+            previous = internals.trial_by_number(self.study, int(number))
         except (KeyError, TypeError, ValueError):
             return reported
         for step, value in sorted(previous.intermediate_values.items()):
@@ -447,7 +458,7 @@ class Worker:
         return "complete" if state == TrialState.COMPLETE else "pruned"
 
     def _fail(self, trial: optuna.Trial, claimed: FrozenTrial, kind: str, reason: str) -> None:
-        frozen = self.study._storage.get_trial(trial._trial_id)
+        frozen = internals.storage(self.study).get_trial(internals.trial_id(trial))
         if frozen.state != TrialState.RUNNING:
             return
         budget.fail_and_replace(self.study, frozen, kind, reason, self.settings.max_retries)

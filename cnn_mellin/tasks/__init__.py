@@ -1,20 +1,31 @@
 """Trial tasks, chosen by name in one place.
 
-Built-in tasks are listed in :data:`TASKS` (imported lazily, so reading a study does not
-import torch). A task from elsewhere is named ``package.module:ClassName``.
+Built-in tasks are listed in :data:`TASKS` (each module imports torch only when a trial
+runs, so reading a study stays light). A task from elsewhere is named
+``package.module:ClassName``; it gets no ``init`` options of its own on the command line.
 """
 
 from __future__ import annotations
 
 import importlib
+from collections.abc import Mapping
+from typing import Any
 
 from cnn_mellin.errors import ConfigError
-from cnn_mellin.tasks.base import MemoryFigure, PruneTrial, Task, TaskResult, TrialContext
+from cnn_mellin.tasks.base import (
+    MemoryExceeded,
+    MemoryFigure,
+    PruneTrial,
+    Task,
+    TaskOption,
+    TaskResult,
+    TrialContext,
+)
 
 TASKS = {
     "asr": "cnn_mellin.tasks.asr:AsrTask",
 }
-PLANNED = ("attack", "command")
+PLANNED = ("attack",)
 
 
 def task_names() -> list[str]:
@@ -42,7 +53,12 @@ def get_task(name: str) -> type[Task]:
     return cls
 
 
+def make_task(name: str, info: Mapping[str, Any]) -> Task:
+    """The task ``name`` built from the ``info`` its ``prepare`` stored in a study."""
+    return get_task(name)(info)
+
+
 __all__ = [
-    "MemoryFigure", "PLANNED", "PruneTrial", "TASKS", "Task", "TaskResult", "TrialContext",
-    "get_task", "task_names",
+    "MemoryExceeded", "MemoryFigure", "PLANNED", "PruneTrial", "TASKS", "Task", "TaskOption",
+    "TaskResult", "TrialContext", "get_task", "make_task", "task_names",
 ]

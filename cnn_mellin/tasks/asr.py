@@ -10,12 +10,24 @@ the model it would hand over; the pruner sees every epoch's dev PER.
 from __future__ import annotations
 
 import hashlib
+import os
 from collections import defaultdict
+from collections.abc import Mapping
 from pathlib import Path
+from typing import Any
 
 from cnn_mellin.config import Config
-from cnn_mellin.errors import DataError
-from cnn_mellin.tasks.base import MemoryFigure, PruneTrial, Task, TaskResult, TrialContext
+from cnn_mellin.errors import ConfigError, DataError
+from cnn_mellin.tasks.base import (
+    MemoryFigure,
+    PruneTrial,
+    Task,
+    TaskOption,
+    TaskResult,
+    TrialContext,
+)
+
+DEFAULT_DEV_PROPORTION = 0.1
 
 
 def _speaker(utt_id: str) -> str | None:
@@ -64,18 +76,33 @@ class AsrTask(Task):
     """CTC training of the acoustic model on the study's data dir."""
 
     name = "asr"
+    summary = "train the CTC acoustic model on DATA_DIR; value: dev phone error rate"
+    OPTIONS = (
+        TaskOption(
+            "--dev-proportion", "share of DATA_DIR held out for the dev error, split by "
+            "speaker when utterance ids carry one (default %(default)s)",
+            type=float, default=DEFAULT_DEV_PROPORTION, metavar="P",
+        ),
+    )
 
     @classmethod
-    def prepare(cls, data_dir: Path, config: Config, dev_proportion: float) -> dict:
+    def prepare(cls, options: Mapping[str, Any], config: Config) -> dict:
         from cnn_mellin.data.store import read_info
 
+        if options.get("data_dir") is None:
+            raise ConfigError("--task asr needs DATA_DIR (a folder with feats.h5)")
+        data_dir = Path(os.path.abspath(options["data_dir"]))
+        dev_proportion = options.get("dev_proportion", DEFAULT_DEV_PROPORTION)
+        if not 0.0 < dev_proportion < 1.0:  # NaN fails too
+            raise ConfigError(f"--dev-proportion must be in (0, 1), got {dev_proportion}")
         info = read_info(data_dir)
         if len(info) == 0:
             raise DataError(f"data dir {data_dir} holds no utterances")
         by, dev = split_dev(info.utt_ids, dev_proportion)
         stored = {
             "data_dir": str(data_dir), "feature": info.feature, "num_coeffs": info.num_coeffs,
-            "split_by": by, "dev": dev, "num_utts": len(info),
+            "dev_proportion": float(dev_proportion), "split_by": by, "dev": dev,
+            "num_utts": len(info),
             "fingerprint": fingerprint(info.utt_ids),
         }
         train, _ = cls(stored).split(info.utt_ids)
@@ -123,9 +150,7 @@ class AsrTask(Task):
 
     def max_epochs(self, config: Config, searched: list[str]) -> int | None:
         if "training.num_epochs" in searched:
-            from cnn_mellin.config import parameters
-
-            return int(parameters()["training.num_epochs"].search.high)
+            return int(self.params()["training.num_epochs"].search.high)
         return int(config["training.num_epochs"])
 
     def peak_memory(self, config: Config, device: str) -> MemoryFigure:

@@ -1,9 +1,16 @@
 """The trial-task interface: what one trial of a study does, behind one small base class.
 
 The optim worker samples a configuration and hands it to a :class:`Task`; it never
-knows which task it runs. A task is created from what it stored in the study at
-``init`` (its ``info``), checks configurations, estimates their memory, and runs a trial,
-reporting per-epoch values through a :class:`TrialContext` so the pruner can stop it.
+knows which task it runs. A task owns
+
+- its ``optim init`` options (:attr:`Task.OPTIONS`, shown under ``optim init --help``),
+- what it stores in the study (:meth:`Task.prepare` returns its ``info``),
+- its parameter groups, hence its configurations and search space (:meth:`Task.groups`),
+- validation and repair of configurations, memory admission, and the run itself,
+  reporting per-epoch values through a :class:`TrialContext` so the pruner can stop it.
+
+A task object is built from the ``info`` it stored (``Task(info)``), by one factory
+(:func:`cnn_mellin.tasks.task_from_study`).
 """
 
 from __future__ import annotations
@@ -14,7 +21,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar
 
-from cnn_mellin.config import Config
+from cnn_mellin.config import Config, Group, builtin_groups, parameters
+from cnn_mellin.errors import ConfigError
 
 
 class PruneTrial(Exception):
@@ -29,6 +37,19 @@ class PruneTrial(Exception):
         self.kind = kind
 
 
+class MemoryExceeded(PruneTrial):
+    """Raised by a task whose trial went over the study's memory limit while running.
+
+    The worker records ``peak_bytes`` and tells the sampler (a constraint), as it does for
+    configurations refused before they start.
+    """
+
+    def __init__(self, reason: str, peak_bytes: int, method: str):
+        super().__init__(reason, kind="memory")
+        self.peak_bytes = int(peak_bytes)
+        self.method = method
+
+
 @dataclass
 class TaskResult:
     """What a finished trial reports: its value and a few facts the study records."""
@@ -36,6 +57,7 @@ class TaskResult:
     value: float
     epochs: int
     peak_bytes: int | None = None
+    peak_method: str = "measured during training"
     resumed_from_epoch: int | None = None
     attrs: dict[str, Any] = field(default_factory=dict)
 
@@ -48,6 +70,10 @@ class MemoryFigure:
     method: str
 
 
+def _ignore(key: str, value: Any) -> None:
+    return None
+
+
 @dataclass
 class TrialContext:
     """What the worker lends a running trial.
@@ -57,6 +83,8 @@ class TrialContext:
     trial (and its retries) and outlives the worker process. A task resuming from that
     directory reports the restored epochs again first (a worker killed between checkpoint
     and report lost them); repeats of an epoch already recorded are ignored.
+    ``record(key, value)`` stores a fact on the trial (a user attribute) however the trial
+    ends, pruned included. ``mem_limit_bytes`` is the study's limit (None: no limit).
     """
 
     device: str
@@ -64,6 +92,29 @@ class TrialContext:
     num_data_workers: int
     report: Callable[[int, float], None]
     trial_number: int
+    mem_limit_bytes: int | None = None
+    record: Callable[[str, Any], None] = _ignore
+
+
+@dataclass(frozen=True)
+class TaskOption:
+    """One ``optim init`` option a task adds: ``--flag VALUE`` with its type and default.
+
+    ``dest`` (the key in the options a task's :meth:`Task.prepare` gets) is the flag's
+    name with dashes turned into underscores.
+    """
+
+    flag: str
+    help: str
+    type: Callable[[str], Any] = str
+    default: Any = None
+    metavar: str | None = None
+    choices: tuple | None = None
+    required: bool = False
+
+    @property
+    def dest(self) -> str:
+        return self.flag.lstrip("-").replace("-", "_")
 
 
 class Task(abc.ABC):
@@ -73,17 +124,65 @@ class Task(abc.ABC):
     """
 
     name: ClassVar[str]
+    summary: ClassVar[str] = ""
+    OPTIONS: ClassVar[tuple[TaskOption, ...]] = ()
 
     def __init__(self, info: Mapping[str, Any]):
         self.info = dict(info)
 
+    # -- init ------------------------------------------------------------------------------
+
+    @classmethod
+    def resolve_options(cls, given: Mapping[str, Any]) -> dict[str, Any]:
+        """``given`` (keys: :attr:`TaskOption.dest`, plus ``data_dir``) with defaults filled in.
+
+        Raises ConfigError for an option the task does not have or a required one missing.
+        """
+        known = {option.dest: option for option in cls.OPTIONS}
+        unknown = sorted(set(given) - set(known) - {"data_dir"})
+        if unknown:
+            flags = ", ".join("--" + key.replace("_", "-") for key in unknown)
+            raise ConfigError(f"task {cls.name!r} has no option {flags}")
+        options = {"data_dir": given.get("data_dir")}
+        for dest, option in known.items():
+            value = given.get(dest, option.default)
+            if value is None and option.required:
+                raise ConfigError(f"--task {cls.name} needs {option.flag}")
+            options[dest] = value
+        return options
+
+    @classmethod
+    def groups_for(cls, options: Mapping[str, Any]) -> tuple[Group, ...]:
+        """The parameter groups of this task's configurations, given its ``init`` options."""
+        return builtin_groups()
+
     @classmethod
     @abc.abstractmethod
-    def prepare(cls, data_dir: Path, config: Config, dev_proportion: float) -> dict[str, Any]:
-        """Validate ``data_dir`` for this task and return the info the study stores.
+    def prepare(cls, options: Mapping[str, Any], config: Config) -> dict[str, Any]:
+        """Validate the ``init`` options (and data) and return the info the study stores.
 
-        Raises a UserError (DataError, ConfigError) naming what is wrong.
+        ``options`` comes from :meth:`resolve_options`. Raises a UserError (DataError,
+        ConfigError) naming what is wrong.
         """
+
+    # -- configurations ----------------------------------------------------------------
+
+    def groups(self) -> tuple[Group, ...]:
+        """The parameter groups of this study's configurations."""
+        return builtin_groups()
+
+    def config(self, values: Mapping[str, Any] | None = None) -> Config:
+        """A configuration of this task: its defaults overridden by ``values``."""
+        return Config(values, self.groups())
+
+    def params(self):
+        """This task's parameter declarations by full name."""
+        return parameters(self.groups())
+
+    @property
+    def direction(self) -> str:
+        """``minimize`` or ``maximize``: which way the trial value is better."""
+        return "minimize"
 
     @property
     def num_coeffs(self) -> int:
@@ -91,7 +190,7 @@ class Task(abc.ABC):
         return int(self.info.get("num_coeffs", 1))
 
     def verify(self) -> None:
-        """Check before a worker starts that the data stored at init are still usable."""
+        """Check before a worker starts that what was stored at init is still usable."""
         return None
 
     def check(self, config: Config) -> None:
@@ -101,6 +200,10 @@ class Task(abc.ABC):
     def repair(self, config: Config) -> Config:
         """The closest valid configuration to ``config`` (used by ``best --independent``)."""
         return config
+
+    def describe(self, config: Config) -> list[str]:
+        """Lines ``best`` adds (as comments) above ``config``, e.g. how to reproduce it."""
+        return []
 
     def max_epochs(self, config: Config, searched: list[str]) -> int | None:
         """The most epochs a trial can run (the pruner's resource), if the task has epochs."""

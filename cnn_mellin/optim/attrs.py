@@ -1,0 +1,35 @@
+"""The names of the attributes cnn-mellin writes on studies and trials, in one place.
+
+Trial user attributes are what ``optuna trials``, ``status``, ``report`` and the
+dashboard show; study system attributes are cnn-mellin's own bookkeeping.
+"""
+
+# -- trial user attributes written by the worker ------------------------------------------
+WORKER = "worker"  # host, device, pid, ... of the worker running the trial
+WALL_TIME = "wall_time_s"
+EPOCHS = "epochs"
+PEAK_BYTES = "peak_bytes"
+PEAK_METHOD = "peak_bytes_method"
+ADMISSION_BYTES = "admission_bytes"
+ADMISSION_METHOD = "admission_method"
+PRUNE_REASON = "prune_reason"
+PRUNE_KIND = "prune_kind"  # pruner | memory | oom | invalid | nonfinite | a task's own
+RESUMED_FROM = "resumed_from_epoch"
+
+# -- trial user attributes of the budget: replacements and failures -----------------------
+REPLACES = "replaces"
+RETRY_OF = "retry_of"
+RETRY_COUNT = "retry_count"
+REPLACE_REASON = "replace_reason"
+FAIL_REASON = "fail_reason"
+FAIL_KIND = "fail_kind"  # "dead" | "interrupted" | "error" | "duplicate"
+DUPLICATE_OF = "duplicate_of"
+
+# -- constraint names given to samplers ---------------------------------------------------
+MEMORY_CONSTRAINT = "memory"
+VALID_CONSTRAINT = "valid"
+
+# -- system attributes --------------------------------------------------------------------
+BEAT_KEY = "cnn_mellin:heartbeat"  # trial: the worker's last heartbeat
+READY_KEY = "cnn_mellin:ready"  # study: init finished writing
+UID_KEY = "cnn_mellin:uid"  # study: names its checkpoint folder
