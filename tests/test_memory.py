@@ -35,6 +35,8 @@ CASES = [  # params, num_coeffs, batch, frames, optimizer
      "sgd"),
     ({"convolutional_mellin": True, "raw_window_size": 200, "raw_window_stride": 160}, 1, 2,
      16000, "adam"),
+    ({"layer_norm": True, "input_dropout": 0.1, "input_smoothing_width": 2.0}, 81, 8, 300,
+     "adam"),
 ]
 
 
