@@ -303,19 +303,23 @@ def test_loader_workers_do_not_change_the_result(stores, tmp_path):
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device here")
-@pytest.mark.parametrize("bf16", [True, False])
-def test_mixed_precision_on_cuda(stores, tmp_path, monkeypatch, bf16):
+@pytest.mark.parametrize("amp_dtype", ["auto", "bf16", "fp16"])
+def test_mixed_precision_on_cuda(stores, tmp_path, amp_dtype):
+    from cnn_mellin.training import autocast_dtype
+    from cnn_mellin.training.precision import native_bf16
+
     train_dir, dev_dir = stores
-    if not bf16:
-        monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: False)
-    elif not torch.cuda.is_bf16_supported():
-        pytest.skip("this GPU has no bf16")
-    config = tiny_config(num_epochs=3, mixed_precision=True, **FAST)
+    if amp_dtype == "bf16" and not native_bf16(torch.device("cuda")):
+        pytest.skip("this GPU only emulates bf16")
+    config = tiny_config(num_epochs=3, mixed_precision=True, amp_dtype=amp_dtype, **FAST)
+    dtype = autocast_dtype(config.group("training"), "cuda")
+    assert dtype in (torch.bfloat16, torch.float16)
     result = train(config, train_dir, dev_dir, model_dir=tmp_path, device="cuda")
     assert result.epochs_run == 3
     assert math.isfinite(result.history[-1]["train_loss"])
+    assert result.history[-1]["train_loss"] < result.history[0]["train_loss"]
     last = load_checkpoint_file(tmp_path / "last.pt")
-    if not bf16:
-        assert last["scaler"]  # fp16 uses (and checkpoints) a loss scaler
+    # fp16 uses (and checkpoints) a loss scaler; bf16 none
+    assert bool(last["scaler"]) == (dtype == torch.float16)
     resumed = train(config, train_dir, dev_dir, model_dir=tmp_path)
     assert resumed.resumed_from_epoch == 3
