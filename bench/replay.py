@@ -362,8 +362,12 @@ def simulate(table: Table, spec: Spec, seed: int, *, names: Sequence[str],
 # ---------------------------------------------------------------- the table on disk
 
 
-def load_table(prefix: str | Path, base: Callable[[bool], Mapping] | None = None) -> Table:
+def load_table(prefix: str | Path, base: Callable[[bool], Mapping] | None = None,
+               cost: str = "epoch_cpu_seconds") -> Table:
     """Read ``PREFIX.csv``, ``PREFIX.configs.csv`` and ``PREFIX.meta.json``.
+
+    An epoch's cost is its ``cost`` column: CPU seconds by default (one torch thread, so
+    the seconds of one core; wall seconds on a shared machine depend on the other jobs).
 
     A configuration's values are its drawn ones over ``base(mellin)`` (default: the
     table's base configuration, ``bench/learning_curves.base_config``). A configuration
@@ -393,7 +397,7 @@ def load_table(prefix: str | Path, base: Callable[[bool], Mapping] | None = None
     with open(f"{prefix}.csv", newline="") as f:
         for row in csv.DictReader(f):
             epochs_of.setdefault(int(row["config_id"]), []).append(
-                (int(row["epoch"]), float(row["dev_per"]), float(row["epoch_seconds"])))
+                (int(row["epoch"]), float(row["dev_per"]), float(row[cost])))
     curves = {}
     with open(f"{prefix}.configs.csv", newline="") as f:
         for row in csv.DictReader(f):
@@ -510,12 +514,14 @@ def main(argv=None) -> None:
     p.add_argument("--budgets", type=float, nargs="*", default=None,
                    help="compute budgets in worker-seconds (default: 1800 = the main job's "
                         "2 workers x 15 min, and 3600)")
+    p.add_argument("--cost", choices=("epoch_cpu_seconds", "epoch_seconds"),
+                   default="epoch_cpu_seconds", help="an epoch's cost: CPU or wall seconds")
     p.add_argument("--quick", action="store_true", help="the baseline and 3 specs only")
     args = p.parse_args(argv)
     optuna.logging.set_verbosity(optuna.logging.ERROR)
     warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
 
-    table = load_table(args.table)
+    table = load_table(args.table, cost=args.cost)
     names = space_names(table, args.space)
     pool = table.pool(["model"] if args.space == "model" else ["training"])
     base_ids = [i for i in (0, 1) if i in table.curves]

@@ -169,7 +169,10 @@ def test_load_table_fills_base_values_and_extends_timed_out_curves(tmp_path):
         "0,model,1,timeout,slow,\"{\"\"model.a\"\": 0.25}\"\n"
         "1,base,0,done,,{}\n"
         "2,model,0,memory,big,\"{\"\"model.a\"\": 0.75}\"\n")
-    table = replay.load_table(prefix, base=lambda mellin: {"model.a": 0.5, "other": 1})
+    table = replay.load_table(prefix, base=lambda mellin: {"model.a": 0.5, "other": 1},
+                              cost="epoch_seconds")
+    cpu = replay.load_table(prefix, base=lambda mellin: {"model.a": 0.5, "other": 1})
+    assert cpu.curves[0].seconds == (9.0, 9.0, 9.0, 9.0)
     assert table.epochs == 4
     assert table.curves[0].per == (1.0, 0.5, 0.5, 0.5)
     assert table.curves[0].seconds == (10.0, 20.0, 15.0, 15.0)

@@ -1,0 +1,80 @@
+"""Each pruner stops a trial whose learning curve is worse, through the real worker loop.
+
+The task reports set curves: the first ``NUM_GOOD`` trials to run (the worker claims
+trials in a random order, so by run order, not trial number) report the same good curve,
+the ``NUM_BAD`` after them one whose dev error is higher at every epoch, so that a bad
+trial always has finished good ones to be compared with.
+"""
+
+from __future__ import annotations
+
+import pytest
+from optuna.trial import TrialState
+
+from cnn_mellin.config import Config
+from cnn_mellin.tasks import TaskResult
+from tests.optim_fake import FakeTask
+from tests.optim_helpers import load
+
+EPOCHS = 9
+GOOD = [0.9, 0.7, 0.5, 0.4, 0.3, 0.25, 0.2, 0.18, 0.16]
+BAD = [v + 0.08 for v in GOOD]
+NUM_GOOD = 12
+NUM_BAD = 6
+RUN_ORDER: list[int] = []  # trial numbers in the order they ran (one in-process worker)
+
+
+class CurveTask(FakeTask):
+    """FakeTask whose first ``NUM_GOOD`` trials to run report ``GOOD``, the others ``BAD``."""
+
+    def run(self, config, context):
+        if context.trial_number not in RUN_ORDER:  # a retry keeps its curve
+            RUN_ORDER.append(context.trial_number)
+        curve = GOOD if RUN_ORDER.index(context.trial_number) < NUM_GOOD else BAD
+        for epoch, value in enumerate(curve, 1):
+            context.report(epoch, value)
+        return TaskResult(value=min(curve), epochs=len(curve))
+
+
+def _run_study(tmp_path, pruner: str):
+    from cnn_mellin.optim.study import build_settings, init_study
+    from cnn_mellin.optim.worker import run_worker
+
+    RUN_ORDER.clear()
+    url = str(tmp_path / "studies.journal")
+    data = tmp_path / "data"
+    data.mkdir()
+    settings = build_settings(
+        Config({"training.num_epochs": EPOCHS}), data,
+        task=f"{__name__}:CurveTask", whitelist=["training.learning_rate"],
+        num_trials=NUM_GOOD + NUM_BAD, pruner=pruner,
+        checkpoint_dir=tmp_path / "ckpt", heartbeat_interval=1.0,
+    )
+    init_study(url, "curves", settings)
+    assert run_worker(url, "curves", seed=0).exit_code == 0
+    trials = load(url, "curves").get_trials()
+    assert sorted(RUN_ORDER) == sorted(t.number for t in trials) == list(range(NUM_GOOD + NUM_BAD))
+    bad_numbers = set(RUN_ORDER[NUM_GOOD:])
+    good = [t for t in trials if t.number not in bad_numbers]
+    bad = [t for t in trials if t.number in bad_numbers]
+    return good, bad
+
+
+# the median pruner compares with every finished trial; hyperband only within a trial's
+# bracket, and its last bracket starts pruning at the last epoch
+@pytest.mark.parametrize(("pruner", "at_least"), [("median", NUM_BAD), ("hyperband", NUM_BAD // 2)])
+def test_pruner_stops_a_worse_curve_early_and_keeps_the_good_ones(tmp_path, pruner, at_least):
+    good, bad = _run_study(tmp_path, pruner)
+    assert all(t.state == TrialState.COMPLETE for t in good)
+    stopped = [t for t in bad if t.state == TrialState.PRUNED]
+    assert len(stopped) >= at_least, f"the {pruner} pruner let worse trials finish"
+    # pruned before the last epoch: the pruner saved compute
+    assert any(len(t.intermediate_values) < EPOCHS for t in stopped)
+    for t in stopped:
+        assert t.intermediate_values == dict(enumerate(BAD[:len(t.intermediate_values)], 1))
+
+
+def test_without_a_pruner_the_worse_curves_run_to_the_end(tmp_path):
+    good, bad = _run_study(tmp_path, "none")
+    assert all(t.state == TrialState.COMPLETE for t in good + bad)
+    assert all(len(t.intermediate_values) == EPOCHS for t in bad)
