@@ -365,6 +365,8 @@ class Worker:
             num_data_workers=self.settings.num_data_workers, report=report,
             trial_number=claimed.number, mem_limit_bytes=self.settings.mem_limit_bytes,
             record=facts.__setitem__,
+            record_peak=lambda peak, method: facts.update({PEAK_BYTES: int(peak),
+                                                           PEAK_METHOD: method}),
         )
         return self.task.run(config, context)
 

@@ -70,7 +70,7 @@ class MemoryFigure:
     method: str
 
 
-def _ignore(key: str, value: Any) -> None:
+def _ignore(*args: Any) -> None:
     return None
 
 
@@ -84,7 +84,8 @@ class TrialContext:
     directory reports the restored epochs again first (a worker killed between checkpoint
     and report lost them); repeats of an epoch already recorded are ignored.
     ``record(key, value)`` stores a fact on the trial (a user attribute) however the trial
-    ends, pruned included. ``mem_limit_bytes`` is the study's limit (None: no limit).
+    ends, pruned included; ``record_peak(bytes, method)`` its peak memory so far.
+    ``mem_limit_bytes`` is the study's limit (None: no limit).
     """
 
     device: str
@@ -94,6 +95,7 @@ class TrialContext:
     trial_number: int
     mem_limit_bytes: int | None = None
     record: Callable[[str, Any], None] = _ignore
+    record_peak: Callable[[int, str], None] = _ignore
 
 
 @dataclass(frozen=True)
