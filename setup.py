@@ -22,6 +22,7 @@ setup(
     package_data={
         "cnn_mellin._conf": ["feats/*.json", "optim/*.ini"],
         "cnn_mellin.data": ["timit/*"],
+        "cnn_mellin.optim.report": ["template.html"],
     },
     install_requires=[
         "torch==2.11.0",
@@ -35,10 +36,13 @@ setup(
         "scipy",
         "pandas",
         "plotly",
+        "kaleido>=1,<2",  # PNG export of plotly figures through a Chrome/Chromium on the machine
         "tqdm",
         "scikit-learn",
         "soundfile",
     ],
-    extras_require={"dev": ["pytest", "ruff"]},
+    # selenium drives Debian's chromium/chromedriver in the browser tests; optuna-dashboard is
+    # tested on our studies
+    extras_require={"dev": ["pytest", "ruff", "selenium", "optuna-dashboard"]},
     entry_points={"console_scripts": ["cnn-mellin = cnn_mellin.cli:main"]},
 )

@@ -46,12 +46,20 @@ def register(commands) -> None:
     status.add_argument("--json", action="store_true", help="print JSON instead of text")
     status.set_defaults(func=run_status, needs_device=False)
     report = actions.add_parser(
-        "report", help="plots (HTML) and trials.csv into OUT_DIR",
-        description="Write trials.csv and plots as HTML pages (history, timeline, slice, "
-        "parallel coordinates, EDF, importance, intermediate values) into OUT_DIR. No PNG: "
-        "that would need kaleido, which is not a dependency of cnn-mellin.",
+        "report", help="index.html (figures also as PNG) and trials.csv into OUT_DIR",
+        description="Write into OUT_DIR one page, index.html, that tells how the study went "
+        "(budget, best trial and its configuration, stage lineage, history, importance as "
+        "'important' ranks it, parallel coordinates, learning curves, memory, prune and "
+        "failure reasons, a timeline per worker); it works opened from disk, offline. Each "
+        "figure is also written as a PNG (needs a Chrome or Chromium; without one, a warning "
+        "and no PNG), the trials as trials.csv. An earlier report in OUT_DIR is replaced.",
     )
     report.add_argument("out_dir", metavar="OUT_DIR")
+    report.add_argument("--studies", nargs="+", default=None, metavar="NAME",
+                        help="report on several studies of DB_URL in one page, in this order "
+                        "(e.g. the sm, md and lg stages of a search); instead of --study-name")
+    report.add_argument("--no-png", action="store_true",
+                        help="write no PNG (skips starting a browser)")
     report.set_defaults(func=run_report, needs_device=False)
 
 
@@ -265,9 +273,24 @@ def run_status(args, config) -> int:
 
 
 def run_report(args, config) -> int:
+    from cnn_mellin.errors import ConfigError
     from cnn_mellin.optim.report import write_report
+    from cnn_mellin.optim.storage import display_url, load_study, open_storage
+    from cnn_mellin.optim.study import read_settings
 
-    study, settings = _open(args)
-    for path in write_report(study, settings, args.out_dir):
+    if args.studies and args.study_name:
+        raise ConfigError("give --study-name (one study) or report --studies (several), not both")
+    names = args.studies or [args.study_name]
+    repeated = sorted({n for n in names if names.count(n) > 1})
+    if repeated:
+        raise ConfigError(f"--studies names {repeated[0]} more than once")
+    _quiet_optuna(args)
+    storage = open_storage(args.db_url)
+    studies = []
+    for name in names:
+        study = load_study(storage, name, args.db_url)
+        studies.append((study, read_settings(study)))
+    for path in write_report(studies, args.out_dir, storage=display_url(args.db_url),
+                             png=not args.no_png):
         sys.stdout.write(f"{path}\n")
     return 0
