@@ -102,6 +102,7 @@ class Spec:
     staged: bool = False
     sm_trials: int = 10
     top_k: int = 3
+    lg_pruner: str | None = None  # staged: the lg stage's pruner (None: ``pruner``)
 
     def label(self) -> str:
         """A short name, e.g. ``random/hyperband(r2,η3)/w2/e12``."""
@@ -115,7 +116,8 @@ class Spec:
         if self.seed_base:
             parts.append("base-first")
         if self.staged:
-            parts.append(f"staged(sm{self.sm_trials},k{self.top_k})")
+            lg = f",lg-{self.lg_pruner}" if self.lg_pruner else ""
+            parts.append(f"staged(sm{self.sm_trials},k{self.top_k}{lg})")
         return "/".join(parts)
 
 
@@ -348,8 +350,9 @@ def simulate(table: Table, spec: Spec, seed: int, *, names: Sequence[str],
         _stage(study, proposer, spec, max_epochs, t, run, "sm", math.inf, stop_compute)
         return run
     best = study.best_trial.params
+    lg_spec = replace(spec, pruner=spec.lg_pruner) if spec.lg_pruner else spec
     lg = optuna.create_study(study_name=f"lg-{seed}", sampler=make_sampler("tpe", seed + 1),
-                             pruner=make_pruner(spec, max_epochs))
+                             pruner=make_pruner(lg_spec, max_epochs))
     fixed = {n: v for n, v in best.items() if n not in top}
     lg_proposer = _Proposer(table, top, list(pool), used, "tpe", rng, fixed=fixed)
     offset = len(run.trials)
@@ -441,18 +444,23 @@ def _quartiles(values: Sequence[float]) -> tuple[float, float, float]:
 
 
 def default_specs(epochs: int) -> list[Spec]:
-    """The baseline, one change at a time from it, and the candidate combinations."""
+    """The baseline, one change at a time from it, and today's main job."""
     base = Spec()
     specs = [base]
     specs += [replace(base, pruner="median", startup=s, warmup=w)
-              for s, w in ((5, 1), (3, 3), (3, 5), (5, 5))]
-    specs += [replace(base, pruner=p, min_resource=r, reduction_factor=eta)
-              for p in ("hyperband", "sha") for r, eta in ((1, 3), (2, 3), (3, 3), (4, 2))]
+              for s, w in ((5, 1), (3, 3), (3, 6), (3, 10))]
+    specs += [replace(base, pruner="hyperband", min_resource=r, reduction_factor=eta)
+              for r, eta in ((1, 3), (2, 3), (4, 3), (8, 3), (4, 2))]
+    specs += [replace(base, pruner="sha", min_resource=r, reduction_factor=eta)
+              for r, eta in ((2, 3), (4, 3), (8, 3), (4, 2))]
     specs += [replace(base, sampler="tpe")]
-    specs += [replace(base, workers=w) for w in (1, 4)]
-    specs += [replace(base, epochs=e) for e in (6, 9) if e < epochs]
+    specs += [replace(base, workers=w) for w in (1, 4, 8)]
+    specs += [replace(base, epochs=e) for e in (8, 12, 16) if e < epochs]
     specs += [replace(base, seed_base=True)]
     specs += [replace(base, staged=True)]
+    # scripts/staged_search.sh today: sm random without pruner, lg TPE with the default
+    # hyperband pruner, the first trial of each stage the base configuration
+    specs += [replace(base, seed_base=True, staged=True, lg_pruner="hyperband")]
     return specs
 
 
@@ -463,9 +471,10 @@ def combos(best_pruner: Spec, epochs: int) -> list[Spec]:
         for seed_base in (False, True):
             out.append(replace(best_pruner, sampler=sampler, seed_base=seed_base))
     out.append(replace(best_pruner, sampler="tpe", seed_base=True, staged=True))
-    out += [replace(best_pruner, sampler="tpe", seed_base=True, workers=w) for w in (1, 4)]
+    out.append(replace(best_pruner, seed_base=True, staged=True))
+    out += [replace(best_pruner, sampler="tpe", seed_base=True, workers=w) for w in (1, 4, 8)]
     out += [replace(best_pruner, sampler="tpe", seed_base=True, epochs=e)
-            for e in (9,) if e < epochs]
+            for e in (12, 16) if e < epochs]
     return out
 
 
@@ -556,13 +565,13 @@ def main(argv=None) -> None:
 def report(results: list[dict], targets, budgets, out: Path) -> None:
     """Print the comparison table; write ``summary.csv`` and the plots under ``out``."""
     baseline = results[0]
-    head = f"{'spec':54} " + " ".join(
+    head = f"{'spec':62} " + " ".join(
         f"{'reach':>5} {'compute@' + str(t):>22} {'ratio':>5}" for t in targets) + " " + " ".join(
         f"{'best@' + format(b, 'g'):>19}" for b in budgets)
     print(head)
     rows = []
     for r in results:
-        cells = [f"{r['spec']:54}"]
+        cells = [f"{r['spec']:62}"]
         row = {k: v for k, v in r.items() if not k.startswith("runs") and not isinstance(v, tuple)}
         for t in targets:
             q1, med, q3 = r[f"compute@{t}"]
