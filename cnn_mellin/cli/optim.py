@@ -23,6 +23,16 @@ def _int(text: str) -> int:
     return value
 
 
+def _seconds(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected seconds, got {text!r}") from None
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"expected a positive number of seconds, got {text}")
+    return value
+
+
 def register(commands) -> None:
     parser = commands.add_parser(
         "optim", help="hyperparameter search on a shared Optuna study",
@@ -42,8 +52,16 @@ def register(commands) -> None:
     _register_best(actions)
     status = actions.add_parser(
         "status", help="progress against the budget, best trial, running trials, failures",
+        description="Show the study's progress against its budget, the best trial, running "
+        "trials and every failure and prune. With --watch, redraw the progress (done, "
+        "running, waiting, failed, best so far, ETA from the finished trials' durations) "
+        "every SECONDS until the budget is done or Ctrl-C; not on a terminal, one line each "
+        "time.",
     )
-    status.add_argument("--json", action="store_true", help="print JSON instead of text")
+    shown = status.add_mutually_exclusive_group()
+    shown.add_argument("--json", action="store_true", help="print JSON instead of text")
+    shown.add_argument("--watch", nargs="?", type=_seconds, const=5.0, default=None,
+                       metavar="SECONDS", help="redraw the progress every SECONDS (default 5)")
     status.set_defaults(func=run_status, needs_device=False)
     report = actions.add_parser(
         "report", help="index.html (figures also as PNG) and trials.csv into OUT_DIR",
@@ -229,9 +247,20 @@ def run_init(args, config) -> int:
 
 
 def run_run(args, config) -> int:
+    _quiet_optuna(args)
+    if not sys.stderr.isatty():  # logs and pipes get the log lines only
+        return _run(args)
+    from tqdm.contrib.logging import logging_redirect_tqdm
+
+    from cnn_mellin.optim.progress import RunBar
+
+    with RunBar(args.db_url, args.study_name), logging_redirect_tqdm():
+        return _run(args)
+
+
+def _run(args) -> int:
     from cnn_mellin.optim.worker import run_worker, run_workers
 
-    _quiet_optuna(args)
     if args.workers > 1:
         return run_workers(
             args.workers, args.db_url, args.study_name, device=args.device,
@@ -267,6 +296,10 @@ def run_status(args, config) -> int:
     from cnn_mellin.optim.status import format_status, status_json, study_status
 
     study, settings = _open(args)
+    if args.watch is not None:
+        from cnn_mellin.optim.progress import watch
+
+        return watch(study, settings.num_trials, args.watch)
     status = study_status(study, settings)
     sys.stdout.write(status_json(status) if args.json else format_status(status))
     return 0

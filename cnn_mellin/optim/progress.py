@@ -1,0 +1,248 @@
+"""Progress of a study against its budget, while workers run.
+
+:func:`measure` reads the counts (done, running, waiting, failed), the best value so far and
+an ETA from the finished trials' durations. ``optim status --watch`` redraws it
+(:func:`watch`); ``optim run`` on a terminal shows it as a tqdm bar (:class:`RunBar`),
+refreshed by a thread of its own that polls the study.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import sys
+import threading
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from datetime import datetime
+from typing import TextIO
+
+import optuna
+from optuna.study import StudyDirection
+from optuna.trial import FrozenTrial, TrialState
+
+from cnn_mellin.optim import budget
+from cnn_mellin.optim.attrs import WORKER
+
+_log = logging.getLogger("cnn_mellin.optim")
+CLEAR = "\x1b[H\x1b[2J"  # cursor home, clear screen
+
+
+@dataclass(frozen=True)
+class Progress:
+    """A study's progress against its budget at one moment."""
+
+    counts: budget.Counts
+    best_value: float | None
+    best_number: int | None
+    mean_trial_s: float | None  # over finished (COMPLETE or PRUNED) trials
+    eta_s: float | None  # None: unknown (nothing finished yet, or no worker running)
+
+    @property
+    def finished(self) -> bool:
+        return self.counts.done >= self.counts.budget
+
+
+def measure(
+    trials: Sequence[FrozenTrial], num_trials: int, minimize: bool = True,
+    now: datetime | None = None,
+) -> Progress:
+    """Counts, best so far and ETA of ``trials`` against a budget of ``num_trials``.
+
+    ETA: the trials not started yet take the mean duration of the finished ones, running
+    ones the rest of it, spread over as many workers as trials are running now.
+    """
+    now = now or datetime.now()
+    counts = budget.count(trials, num_trials)
+    values = [t for t in trials if t.state == TrialState.COMPLETE and t.value is not None
+              and math.isfinite(t.value)]
+    sign = 1 if minimize else -1
+    best = min(values, key=lambda t: (sign * t.value, t.number)) if values else None
+    durations = [
+        (t.datetime_complete - t.datetime_start).total_seconds() for t in trials
+        if t.state in (TrialState.COMPLETE, TrialState.PRUNED)
+        and t.datetime_start and t.datetime_complete
+    ]
+    mean = sum(durations) / len(durations) if durations else None
+    eta: float | None = None
+    remaining = max(0, num_trials - counts.done)
+    if remaining == 0:
+        eta = 0.0
+    elif mean is not None and counts.running:
+        ages = [(now - t.datetime_start).total_seconds() for t in trials
+                if t.state == TrialState.RUNNING and t.datetime_start]
+        left = max(0, remaining - counts.running) * mean + sum(max(0.0, mean - a) for a in ages)
+        eta = left / counts.running
+    return Progress(counts, None if best is None else best.value,
+                    None if best is None else best.number, mean, eta)
+
+
+def duration(seconds: float | None) -> str:
+    """``42 s``, ``14 min``, ``3.2 h``; ``?`` when unknown."""
+    if seconds is None:
+        return "?"
+    if seconds < 90:
+        return f"{seconds:.0f} s"
+    if seconds < 5400:
+        return f"{seconds / 60:.0f} min"
+    return f"{seconds / 3600:.1f} h"
+
+
+def eta_text(p: Progress) -> str:
+    if p.finished:
+        return "budget done"
+    if p.eta_s is not None:
+        return f"ETA {duration(p.eta_s)}"
+    if p.mean_trial_s is None:
+        return "ETA after the first trial finishes"
+    return "ETA ? (no trial running)"
+
+
+def bar(p: Progress, width: int = 30) -> str:
+    """``[█████▒▒░░░░]``: done, running, the rest of the budget."""
+    total = max(1, p.counts.budget)
+    done = min(width, round(width * p.counts.done / total))
+    running = min(width - done, round(width * p.counts.running / total))
+    return "[" + "█" * done + "▒" * running + "░" * (width - done - running) + "]"
+
+
+def summary(p: Progress) -> str:
+    """One line: done of budget, running, waiting, failed, best, ETA."""
+    c = p.counts
+    best = "best: none yet" if p.best_value is None else \
+        f"best {p.best_value:.6g} (trial {p.best_number})"
+    return (f"{c.done}/{c.budget} done ({c.complete} complete, {c.pruned} pruned) · "
+            f"{c.running} running · {c.waiting} waiting · {c.fail} failed · {best} · "
+            f"{eta_text(p)}")
+
+
+def _worker(trial: FrozenTrial) -> str:
+    ident = trial.user_attrs.get(WORKER)
+    if not isinstance(ident, dict) or not ident.get("host"):
+        return "?"
+    device = f" {ident['device']}" if ident.get("device") else ""
+    return f"{ident['host']}:{ident.get('pid', '?')}{device}"
+
+
+def screen(study_name: str, trials: Sequence[FrozenTrial], p: Progress, interval: float,
+           now: datetime | None = None, max_running: int = 20) -> str:
+    """What ``status --watch`` draws on a terminal."""
+    now = now or datetime.now()
+    lines = [
+        f"study {study_name} · {now:%H:%M:%S} · every {interval:g} s, Ctrl-C stops",
+        "",
+        f"{bar(p, 40)} {p.counts.done}/{p.counts.budget}",
+        summary(p),
+        "" if p.mean_trial_s is None else f"mean finished trial: {duration(p.mean_trial_s)}",
+    ]
+    running = sorted((t for t in trials if t.state == TrialState.RUNNING), key=lambda t: t.number)
+    if running:
+        lines.append("running:")
+        for t in running[:max_running]:
+            age = duration((now - t.datetime_start).total_seconds()) if t.datetime_start else "?"
+            lines.append(f"  trial {t.number}: {age} on {_worker(t)}, "
+                         f"{len(t.intermediate_values)} epochs reported")
+        if len(running) > max_running:
+            lines.append(f"  ... and {len(running) - max_running} more")
+    return "\n".join(lines) + "\n"
+
+
+def watch(study: optuna.Study, num_trials: int, interval: float, out: TextIO | None = None,
+          sleep: Callable[[float], None] = time.sleep) -> int:
+    """Redraw the progress every ``interval`` seconds until the budget is done or Ctrl-C.
+
+    On a terminal the screen is cleared and redrawn; otherwise one line is appended per look
+    (for logs). Returns the exit code (0).
+    """
+    out = out or sys.stdout
+    tty = out.isatty()
+    minimize = study.direction != StudyDirection.MAXIMIZE
+    try:
+        while True:
+            trials = study.get_trials(deepcopy=False)
+            p = measure(trials, num_trials, minimize)
+            if tty:
+                out.write(CLEAR + screen(study.study_name, trials, p, interval))
+            else:
+                out.write(f"{datetime.now():%H:%M:%S} {summary(p)}\n")
+            out.flush()
+            if p.finished:
+                return 0
+            sleep(interval)
+    except KeyboardInterrupt:
+        out.write("\n")
+        return 0
+
+
+class RunBar:
+    """A tqdm bar over a study's budget, updated by a thread polling the study.
+
+    Use as a context manager around the worker. It opens its own connection to the study;
+    if that fails (e.g. the study does not exist) the bar stays away and the worker reports
+    the error.
+    """
+
+    FORMAT = "{desc}: {percentage:3.0f}%|{bar}| {n_fmt}/{total_fmt}{postfix}"
+
+    def __init__(self, db_url: str, study_name: str | None, interval: float = 2.0,
+                 stream: TextIO | None = None):
+        self._db_url = db_url
+        self._study_name = study_name
+        self._interval = interval
+        self._stream = stream or sys.stderr
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._loop, name="progress-bar", daemon=True)
+        self._bar = None
+        self._study = None
+        self._num_trials = 0
+
+    def __enter__(self) -> RunBar:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._thread.join(timeout=30)
+        if self._bar is not None:
+            try:
+                self._update()
+            except Exception as err:  # the bar must never change the worker's exit
+                _log.debug("progress bar: %s", err)
+            self._bar.close()
+
+    def _open(self) -> None:
+        from tqdm import tqdm
+
+        from cnn_mellin.optim.storage import load_study, open_storage
+        from cnn_mellin.optim.study import read_settings
+
+        self._study = load_study(open_storage(self._db_url), self._study_name, self._db_url)
+        self._num_trials = read_settings(self._study).num_trials
+        try:  # a terminal that reports no size (a bare pty) gets a fixed width
+            sized = os.get_terminal_size(self._stream.fileno()).columns > 0
+        except (OSError, ValueError, AttributeError):
+            sized = False
+        self._bar = tqdm(total=self._num_trials, desc=self._study.study_name, unit="trial",
+                         file=self._stream, dynamic_ncols=sized, ncols=None if sized else 100,
+                         nrows=None if sized else 24, bar_format=self.FORMAT)
+
+    def _update(self) -> None:
+        p = measure(self._study.get_trials(deepcopy=False), self._num_trials,
+                    self._study.direction != StudyDirection.MAXIMIZE)
+        best = "-" if p.best_value is None else f"{p.best_value:.4g}"
+        self._bar.n = p.counts.done
+        self._bar.set_postfix_str(f"{p.counts.running} running, {p.counts.fail} failed, "
+                                  f"best {best}, {eta_text(p)}", refresh=False)
+        self._bar.refresh()
+
+    def _loop(self) -> None:
+        try:
+            self._open()
+            while True:
+                self._update()
+                if self._stop.wait(self._interval):
+                    return
+        except Exception as err:  # never let the bar disturb the worker
+            _log.debug("progress bar stopped: %s", err)
