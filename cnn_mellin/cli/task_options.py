@@ -14,6 +14,8 @@ from typing import Any
 
 from cnn_mellin.errors import ConfigError
 
+_PREFIX = "task_option_"  # argparse dests, apart from the commands' own (--command!)
+
 
 def _typed(option):
     def convert(text: str):
@@ -49,7 +51,7 @@ def add_task_arguments(parser: argparse.ArgumentParser, default: str | None = "a
         for option in fresh:
             seen[option.flag] = name
             group.add_argument(
-                option.flag, dest=option.dest, type=_typed(option), default=None,
+                option.flag, dest=_PREFIX + option.dest, type=_typed(option), default=None,
                 metavar=option.metavar, choices=option.choices,
                 help=option.help.replace("%(default)s", str(option.default))
                 + (" (required)" if option.required else ""),
@@ -57,10 +59,13 @@ def add_task_arguments(parser: argparse.ArgumentParser, default: str | None = "a
     parser.set_defaults(config_groups=config_groups)
 
 
-def task_options(args: argparse.Namespace) -> tuple[type, dict[str, Any]]:
+def task_options(
+    args: argparse.Namespace, require: bool = True
+) -> tuple[type, dict[str, Any]]:
     """The chosen task's class and its options from ``args`` (defaults filled in).
 
-    ConfigError for an option that belongs to another task.
+    ConfigError for an option that belongs to another task, or (``require``) for a missing
+    required one.
     """
     from cnn_mellin.tasks import get_task, task_names
 
@@ -68,20 +73,21 @@ def task_options(args: argparse.Namespace) -> tuple[type, dict[str, Any]]:
     own = {option.dest for option in cls.OPTIONS}
     for name in task_names():
         for option in get_task(name).OPTIONS:
-            if option.dest not in own and getattr(args, option.dest, None) is not None:
+            if option.dest not in own and getattr(args, _PREFIX + option.dest, None) is not None:
                 raise ConfigError(
                     f"{option.flag} is an option of --task {name}, not of --task {args.task}"
                 )
     given = {
-        dest: getattr(args, dest) for dest in own if getattr(args, dest, None) is not None
+        dest: getattr(args, _PREFIX + dest) for dest in own
+        if getattr(args, _PREFIX + dest, None) is not None
     }
     given["data_dir"] = getattr(args, "data_dir", None)
-    return cls, cls.resolve_options(given)
+    return cls, cls.resolve_options(given, require)
 
 
 def config_groups(args: argparse.Namespace):
     """The parameter groups ``--read-ini`` files are read against: the chosen task's."""
     if args.task is None:
         return None
-    cls, options = task_options(args)
+    cls, options = task_options(args, require=False)
     return cls.groups_for(options)

@@ -135,10 +135,13 @@ class Task(abc.ABC):
     # -- init ------------------------------------------------------------------------------
 
     @classmethod
-    def resolve_options(cls, given: Mapping[str, Any]) -> dict[str, Any]:
+    def resolve_options(
+        cls, given: Mapping[str, Any], require: bool = True
+    ) -> dict[str, Any]:
         """``given`` (keys: :attr:`TaskOption.dest`, plus ``data_dir``) with defaults filled in.
 
-        Raises ConfigError for an option the task does not have or a required one missing.
+        Raises ConfigError for an option the task does not have or (``require``) a required
+        one missing.
         """
         known = {option.dest: option for option in cls.OPTIONS}
         unknown = sorted(set(given) - set(known) - {"data_dir"})
@@ -148,7 +151,7 @@ class Task(abc.ABC):
         options = {"data_dir": given.get("data_dir")}
         for dest, option in known.items():
             value = given.get(dest, option.default)
-            if value is None and option.required:
+            if value is None and option.required and require:
                 raise ConfigError(f"--task {cls.name} needs {option.flag}")
             options[dest] = value
         return options
