@@ -24,6 +24,7 @@ from cnn_mellin.tasks.base import (
 
 TASKS = {
     "asr": "cnn_mellin.tasks.asr:AsrTask",
+    "command": "cnn_mellin.tasks.command:CommandTask",
 }
 PLANNED = ("attack",)
 
