@@ -139,3 +139,15 @@ def test_match_names_full_match_and_bad_regex():
     assert match_names(["window_size"], names) == []
     with pytest.raises(ConfigError, match="bad regular expression"):
         match_names(["model.("], names, "--whitelist")
+
+
+@pytest.mark.parametrize("text", ["", "# best - failed\n", "[model]\n"])
+def test_an_ini_that_sets_nothing_is_an_error_naming_the_file(tmp_path, text, cli):
+    # the recipe writes `best - | sed ... > file.ini`; a failed best leaves an empty file,
+    # which must not be read as "all defaults"
+    path = tmp_path / "lg.ini"
+    path.write_text(text)
+    with pytest.raises(ConfigError, match=r"lg\.ini: sets no parameter"):
+        Config.from_ini([path])
+    code, out, err = cli("--read-ini", path, "--print-ini")
+    assert code == 2 and out == "" and f"{path}: sets no parameter" in err
