@@ -3,16 +3,20 @@
 #   - system packages cnn-mellin needs (espeak-ng for the synthetic corpus),
 #   - with --databases: PostgreSQL and MariaDB running on 127.0.0.1 (installed from Debian
 #     packages when missing) for the live database tests,
+#   - with --test-deps: those databases plus Debian's chromium and chromium-driver, which the
+#     browser tests (report page, optuna-dashboard) and the report's PNG export drive,
 #   - a virtual environment in .venv with cnn-mellin installed (editable) and its dev tools.
 # Safe to run again: each step is skipped when already done.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
 want_databases=0
+want_browser=0
 for arg in "$@"; do
   case "$arg" in
     --databases) want_databases=1 ;;
-    *) echo "usage: scripts/setup.sh [--databases]" >&2; exit 2 ;;
+    --test-deps) want_databases=1; want_browser=1 ;;
+    *) echo "usage: scripts/setup.sh [--databases] [--test-deps]" >&2; exit 2 ;;
   esac
 done
 
@@ -27,6 +31,12 @@ apt_install() {
 if ! ldconfig -p | grep -q 'libespeak-ng\.so' || ! command -v espeak-ng >/dev/null; then
   echo "setup: installing espeak-ng" >&2
   apt_install espeak-ng libespeak-ng1
+fi
+
+if [ "$want_browser" -eq 1 ] && { ! command -v chromium >/dev/null \
+    || ! command -v chromedriver >/dev/null; }; then
+  echo "setup: installing chromium and chromium-driver" >&2
+  apt_install chromium chromium-driver
 fi
 
 if [ "$want_databases" -eq 1 ]; then

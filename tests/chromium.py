@@ -48,10 +48,3 @@ def console_errors(driver) -> list[str]:
     """Console messages of level SEVERE since the last call."""
     return [entry["message"] for entry in driver.get_log("browser")
             if entry.get("level") == "SEVERE"]
-
-
-def full_page_png(driver, path: Path, width: int = 1280) -> None:
-    """Screenshot the whole page (the window grown to the page's height)."""
-    height = driver.execute_script("return document.documentElement.scrollHeight")
-    driver.set_window_size(width, min(int(height) + 100, 16000))
-    driver.save_screenshot(str(path))

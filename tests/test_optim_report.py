@@ -13,7 +13,8 @@ from pathlib import Path
 import pytest
 from optuna.trial import TrialState
 
-from cnn_mellin.optim.attrs import FAIL_KIND, FAIL_REASON, PRUNE_KIND, PRUNE_REASON
+from cnn_mellin.optim.attrs import PRUNE_KIND, PRUNE_REASON, WORKER
+from cnn_mellin.optim.budget import fail_and_replace
 from cnn_mellin.optim.importance import rank
 from cnn_mellin.optim.report.story import LINEAGE
 from cnn_mellin.optim.study import read_settings
@@ -47,19 +48,21 @@ def searched(tmp_path_factory):
     fake_study(url, tmp, name="sm", num_trials=16, whitelist=SEARCH, pruner="median",
                mem_limit_bytes=40_000_000,
                base={"training.num_epochs": 4, "model.window_stride": 1})
-    assert run_worker(url, "sm", seed=1).exit_code == 0
+    assert run_worker(url, "sm", seed=1, max_trials=14).exit_code == 0
     study = load(url, "sm")
     # whether the median pruner stops a trial depends on the order of values; one for sure:
-    trial = study.ask()
+    trial = study.ask()  # the next WAITING trial of the budget
     for epoch, value in ((1, 6.0), (2, 5.5)):
         trial.report(value, epoch)
     trial.set_user_attr(PRUNE_KIND, "pruner")
     trial.set_user_attr(PRUNE_REASON, "pruned by the median pruner at epoch 2 (value 5.5)")
     study.tell(trial, state=TrialState.PRUNED)
-    trial = study.ask()  # a failure recorded as the worker's reaper records one
-    trial.set_user_attr(FAIL_KIND, "dead")
-    trial.set_user_attr(FAIL_REASON, "worker vm:123 stopped sending heartbeats")
-    study.tell(trial, state=TrialState.FAIL)
+    # a worker that died: failed and retried as the reaper does
+    trial = study.ask()
+    trial.set_user_attr(WORKER, {"host": "vm", "pid": 123, "device": "cpu"})
+    assert fail_and_replace(study, study._storage.get_trial(trial._trial_id), "dead",
+                            "worker vm:123 stopped sending heartbeats", max_retries=2)
+    assert run_worker(url, "sm", seed=2).exit_code == 0
     return url, tmp
 
 
@@ -141,8 +144,9 @@ def test_report_draws_every_figure_in_chromium(full_report, tmp_path):
         driver.get((out / "index.html").as_uri())
         drawn = _drawn(driver)
         errors = chromium.console_errors(driver)
-        if SCREENSHOTS:
-            chromium.full_page_png(driver, DOCS / "report.png")
+        if SCREENSHOTS:  # the top of the page: cards, lineage, best trial, first figures
+            driver.set_window_size(1280, 1900)
+            driver.save_screenshot(str(DOCS / "report.png"))
     finally:
         driver.quit()
     assert errors == []
