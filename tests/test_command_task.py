@@ -248,6 +248,38 @@ def test_command_trials_report_each_epoch_and_the_last_value(tmp_path, script):
         best.params["script.x"]
     independent = best_text(study, settings, settings.build_task(), independent=True)
     assert "[script]" in independent
+    from cnn_mellin.optim.importance import important_text
+
+    assert important_text(study, settings, top_k=1) == "script.x\n"  # the one that varies
+
+
+def test_a_pruned_trial_stops_its_script_and_every_process_it_started(tmp_path, script):
+    import optuna
+
+    from cnn_mellin.optim.study import read_settings
+    from cnn_mellin.tasks import TrialContext
+
+    path, space = script
+    space.write_text(SPACE.replace("search = ok", "search = child"))
+    url = str(tmp_path / "s.journal")
+    command_study(url, tmp_path, script, num_trials=1,
+                  base={"script.epochs": 50, "script.epoch_s": 0.2})
+    task = read_settings(load(url, "cmd")).build_task()
+    reported = []
+
+    def report(epoch, value):  # what the worker does when its pruner says stop
+        reported.append(epoch)
+        if epoch == 2:
+            raise optuna.TrialPruned("pruned at epoch 2")
+
+    context = TrialContext(device="cpu", checkpoint_dir=tmp_path / "ckpt" / "trial-0",
+                           num_data_workers=0, report=report, trial_number=0)
+    started = time.monotonic()
+    with pytest.raises(optuna.TrialPruned):
+        task.run(task.config({"script.mode": "child"}), context)
+    assert reported == [1, 2] and time.monotonic() - started < 15
+    pids = script_pids(tmp_path)
+    assert len(pids) == 2 and not any(alive(p) for p in pids)
 
 
 @pytest.mark.parametrize("mode, state, kind, reason", [
@@ -355,9 +387,10 @@ def test_two_workers_budget_exact_a_killed_worker_leaves_no_process_and_its_retr
 
 
 @pytest.mark.slow
-def test_example_script_two_workers_on_the_embedded_store(tmp_path):
+@pytest.mark.parametrize("kind", ["journal", "postgresql"])
+def test_example_script_two_workers_budget_exact(request, tmp_path, kind):
     data = write_store(tmp_path / "data", 24, seed=0)
-    url = str(tmp_path / "s.journal")
+    url = str(tmp_path / "s.journal") if kind == "journal" else request.getfixturevalue("pg_db")[0]
     init = subprocess.run(
         [sys.executable, "-m", "cnn_mellin", "optim", url, "init", str(data), "--task", "command",
          "--space", str(EXAMPLE / "space.ini"), "--num-trials", "3", "--pruner", "none",
