@@ -23,8 +23,11 @@ Mapping a trial to the table. The table is a finite sample of the search space:
 Staged (the main job's sm → lg): ``sm_trials`` trials of the sampler, a barrier (the
 stage must end before ``important`` runs), fANOVA (seeded, as ``optim important``) over the
 completed trials picks the ``top_k`` parameters, then TPE searches those with the others
-fixed at the sm stage's best trial. A sm stage with fewer than two completed trials of
-different values falls back to going on flat (counted as ``fallbacks``).
+fixed at the sm stage's best trial, mapped to the nearest unused row of the pool or of the
+rows drawn near the base configuration (``kind == "near"``: one to three values changed),
+which are the lg stage's natural candidates when the sm stage's best is the base. A sm
+stage with fewer than two completed trials of different values falls back to going on
+flat (counted as ``fallbacks``).
 
 Command: ``.venv/bin/python bench/replay.py`` (see ``--help``): prints the comparison
 table (ratios against the seed recipe's settings: random sampler, no pruner, 2 workers,
@@ -330,8 +333,9 @@ def _important(study: optuna.Study, names: Sequence[str], top_k: int) -> list[st
 
 def simulate(table: Table, spec: Spec, seed: int, *, names: Sequence[str],
              pool: Sequence[int], base_ids: Sequence[int] = (),
-             stop_compute: float = math.inf) -> Run:
-    """One simulated search of ``spec`` with ``seed`` over ``pool`` (ids of ``table``)."""
+             lg_pool: Sequence[int] | None = None, stop_compute: float = math.inf) -> Run:
+    """One simulated search of ``spec`` with ``seed`` over ``pool`` (ids of ``table``);
+    a staged search's lg stage chooses from ``lg_pool`` (default ``pool``)."""
     max_epochs = spec.epochs or table.epochs
     rng = random.Random(seed)
     used: set[int] = set()
@@ -354,7 +358,8 @@ def simulate(table: Table, spec: Spec, seed: int, *, names: Sequence[str],
     lg = optuna.create_study(study_name=f"lg-{seed}", sampler=make_sampler("tpe", seed + 1),
                              pruner=make_pruner(lg_spec, max_epochs))
     fixed = {n: v for n, v in best.items() if n not in top}
-    lg_proposer = _Proposer(table, top, list(pool), used, "tpe", rng, fixed=fixed)
+    lg_proposer = _Proposer(table, top, list(pool if lg_pool is None else lg_pool), used,
+                            "tpe", rng, fixed=fixed)
     offset = len(run.trials)
     _stage(lg, lg_proposer, spec, max_epochs, t, run, "lg", math.inf, stop_compute)
     for record in run.trials[offset:]:  # numbers across both studies
@@ -479,11 +484,11 @@ def combos(best_pruner: Spec, epochs: int) -> list[Spec]:
 
 
 def evaluate(table: Table, spec: Spec, seeds: int, names, pool, base_ids,
-             targets: Sequence[float], budgets: Sequence[float]) -> dict:
+             targets: Sequence[float], budgets: Sequence[float], lg_pool=None) -> dict:
     """Medians and quartiles over ``seeds`` simulated searches of ``spec``."""
     began = time.perf_counter()
-    runs = [simulate(table, spec, 1000 + s, names=names, pool=pool, base_ids=base_ids)
-            for s in range(seeds)]
+    runs = [simulate(table, spec, 1000 + s, names=names, pool=pool, base_ids=base_ids,
+                     lg_pool=lg_pool) for s in range(seeds)]
     real = time.perf_counter() - began
     out = {"spec": spec.label(), **{f"spec.{k}": v for k, v in asdict(spec).items()},
            "seeds": seeds, "real_s": real,
@@ -533,6 +538,8 @@ def main(argv=None) -> None:
     table = load_table(args.table, cost=args.cost)
     names = space_names(table, args.space)
     pool = table.pool(["model"] if args.space == "model" else ["training"])
+    # the lg stage searches near the sm stage's best: rows near the base count there too
+    lg_pool = table.pool(["model", "near"] if args.space == "model" else ["training"])
     base_ids = [i for i in (0, 1) if i in table.curves]
     targets = args.targets or auto_targets(table, pool)
     budgets = args.budgets or [1800.0, 3600.0]
@@ -548,7 +555,7 @@ def main(argv=None) -> None:
     if args.quick:
         specs = specs[:1] + [s for s in specs if s.pruner == "hyperband"][:1] + [
             replace(specs[0], sampler="tpe"), replace(specs[0], staged=True)]
-    results = [evaluate(table, s, args.seeds, names, pool, base_ids, targets, budgets)
+    results = [evaluate(table, s, args.seeds, names, pool, base_ids, targets, budgets, lg_pool)
                for s in specs]
     key = f"compute@{targets[-1]}"
     pruned = [r for r in results if r["spec.pruner"] != "none"]
@@ -557,8 +564,8 @@ def main(argv=None) -> None:
         best_spec = next(s for s in specs if s.label() == best["spec"])
         extra = [s for s in combos(best_spec, table.epochs)
                  if s.label() not in {r["spec"] for r in results}]
-        results += [evaluate(table, s, args.seeds, names, pool, base_ids, targets, budgets)
-                    for s in extra]
+        results += [evaluate(table, s, args.seeds, names, pool, base_ids, targets, budgets,
+                             lg_pool) for s in extra]
     report(results, targets, budgets, Path(args.out))
 
 
