@@ -5,6 +5,7 @@ from __future__ import annotations
 import fcntl
 import os
 import pty
+import re
 import select
 import struct
 import subprocess
@@ -100,14 +101,27 @@ def _on_terminal(argv, timeout=120, **extra_env) -> tuple[int, str]:
     return process.wait(), b"".join(chunks).decode(errors="replace")
 
 
-def test_run_on_a_terminal_shows_a_bar_over_the_budget(tmp_path):
+def _visible(line: str) -> str:
+    """What a terminal shows of ``line`` after its carriage returns."""
+    shown = ""
+    for part in line.split("\r"):
+        shown = part + shown[len(part):]
+    return shown.rstrip()
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+def test_run_on_a_terminal_shows_a_bar_over_the_budget(tmp_path, workers):
     url = _study(tmp_path)
-    code, shown = _on_terminal(_cli("--device", "cpu", "optim", url, "run"), FAKE_EPOCH_S=0.3)
+    code, shown = _on_terminal(
+        _cli("--device", "cpu", "optim", url, "run", "--workers", workers), FAKE_EPOCH_S=0.3)
     assert code == 0, shown
     assert "p:   0%|" in shown  # drawn before the first trial finished
     assert "p: 100%|" in shown and "6/6, 0 running, 0 failed, best" in shown
     assert "budget done" in shown.rsplit("p: 100%", 1)[1]
-    assert "trial 0 complete" in shown  # the log lines still come, above the bar
+    # the log lines, of this process or of its worker processes, come above the bar
+    logged = [_visible(line) for line in shown.split("\n") if "INFO:" in line]
+    assert sum("complete:" in line for line in logged) == 6
+    assert all(re.match(r"\d{4}-\d\d-\d\d ", line) for line in logged), logged
 
 
 def test_run_not_on_a_terminal_is_quiet(tmp_path):

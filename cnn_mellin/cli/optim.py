@@ -250,11 +250,9 @@ def run_run(args, config) -> int:
     _quiet_optuna(args)
     if not sys.stderr.isatty():  # logs and pipes get the log lines only
         return _run(args)
-    from tqdm.contrib.logging import logging_redirect_tqdm
-
     from cnn_mellin.optim.progress import RunBar
 
-    with RunBar(args.db_url, args.study_name), logging_redirect_tqdm():
+    with RunBar(args.db_url, args.study_name):
         return _run(args)
 
 

@@ -177,40 +177,63 @@ def watch(study: optuna.Study, num_trials: int, interval: float, out: TextIO | N
 
 
 class RunBar:
-    """A tqdm bar over a study's budget, updated by a thread polling the study.
+    """A tqdm bar over a study's budget at the bottom of the terminal on standard error.
 
-    Use as a context manager around the worker. It opens its own connection to the study;
-    if that fails (e.g. the study does not exist) the bar stays away and the worker reports
-    the error.
+    Use as a context manager around the workers. A thread polls the study over a
+    connection of its own; if that fails (e.g. the study does not exist) there is no bar
+    and the worker reports the error. Everything else written to standard error while the
+    bar is up, by this process or by the worker processes it starts (which inherit the
+    descriptor), goes through a pipe and is printed above the bar, so that log lines and
+    the bar never share a line.
     """
 
     FORMAT = "{desc}: {percentage:3.0f}%|{bar}| {n_fmt}/{total_fmt}{postfix}"
 
-    def __init__(self, db_url: str, study_name: str | None, interval: float = 2.0,
-                 stream: TextIO | None = None):
+    def __init__(self, db_url: str, study_name: str | None, interval: float = 2.0):
         self._db_url = db_url
         self._study_name = study_name
         self._interval = interval
-        self._stream = stream or sys.stderr
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._loop, name="progress-bar", daemon=True)
+        self._relay: threading.Thread | None = None
+        self._stream: TextIO | None = None  # the terminal, once fd 2 is the pipe
         self._bar = None
         self._study = None
         self._num_trials = 0
 
     def __enter__(self) -> RunBar:
+        fd = sys.stderr.fileno()
+        self._stream = os.fdopen(os.dup(fd), "w", buffering=1, errors="replace")
+        read_end, write_end = os.pipe()
+        sys.stderr.flush()
+        os.dup2(write_end, fd)
+        os.close(write_end)
+        self._relay = threading.Thread(target=self._forward, args=(read_end,),
+                                       name="stderr-relay", daemon=True)
+        self._relay.start()
         self._thread.start()
         return self
 
     def __exit__(self, *exc) -> None:
         self._stop.set()
         self._thread.join(timeout=30)
+        sys.stderr.flush()
+        os.dup2(self._stream.fileno(), sys.stderr.fileno())  # closes the pipe's last writer
+        self._relay.join(timeout=30)
         if self._bar is not None:
             try:
                 self._update()
             except Exception as err:  # the bar must never change the worker's exit
                 _log.debug("progress bar: %s", err)
             self._bar.close()
+        self._stream.close()
+
+    def _forward(self, read_end: int) -> None:
+        from tqdm import tqdm
+
+        with os.fdopen(read_end, "r", errors="replace") as lines:
+            for line in lines:
+                tqdm.write(line.rstrip("\n"), file=self._stream)
 
     def _open(self) -> None:
         from tqdm import tqdm
