@@ -323,3 +323,68 @@ def test_mixed_precision_on_cuda(stores, tmp_path, amp_dtype):
     assert bool(last["scaler"]) == (dtype == torch.float16)
     resumed = train(config, train_dir, dev_dir, model_dir=tmp_path)
     assert resumed.resumed_from_epoch == 3
+
+
+class _StopAfter:
+    """stop_requested that turns true after ``n`` optimiser-step checks."""
+
+    def __init__(self, n):
+        self.n, self.calls = n, 0
+
+    def __call__(self):
+        self.calls += 1
+        return self.calls > self.n
+
+
+@pytest.mark.parametrize("accumulation, cut_after", [(1, 4), (2, 3), (1, 8)])
+def test_stop_mid_epoch_checkpoints_that_step_and_resume_matches_uninterrupted(
+    stores, tmp_path, accumulation, cut_after
+):
+    from cnn_mellin.training import TrainingInterrupted
+
+    train_dir, dev_dir = stores
+    config = tiny_config(num_epochs=3, noise_std=0.2, max_time_warp=2, num_time_masks=1,
+                         grad_accumulation=accumulation, **FAST)
+    config = config.replace({"model.dropout": 0.2})
+    straight = train(config, train_dir, dev_dir, model_dir=tmp_path / "straight")
+    stop = _StopAfter(cut_after)
+    with pytest.raises(TrainingInterrupted) as cut:
+        train(config, train_dir, dev_dir, model_dir=tmp_path / "cut", stop_requested=stop)
+    saved = load_checkpoint_file(tmp_path / "cut" / "last.pt")
+    # 32 utterances in batches of 4: 8 batches an epoch (the last stop is the epoch's end)
+    steps_per_epoch = 8 // accumulation
+    assert cut.value.step == cut_after and saved["schedule"]["steps"] == cut_after
+    assert saved["mid_epoch"]["epoch"] == cut.value.epoch == 1 + (cut_after - 1) // \
+        steps_per_epoch
+    assert saved["mid_epoch"]["batches"] == cut.value.batches > 0
+    resumed = train(config, train_dir, dev_dir, model_dir=tmp_path / "cut")
+    assert resumed.resumed_from_step == cut_after
+    assert resumed.resumed_from_epoch == cut.value.epoch - 1
+    a, b = _weights(tmp_path / "straight"), _weights(tmp_path / "cut")
+    assert a.keys() == b.keys()
+    assert all(torch.allclose(a[k], b[k], rtol=0, atol=1e-6) for k in a)
+    timing = ("seconds", "cpu_seconds", "peak_memory_bytes")
+    strip = [{k: v for k, v in h.items() if k not in timing} for h in straight.history]
+    assert strip == [{k: v for k, v in h.items() if k not in timing} for h in resumed.history]
+    assert "mid_epoch" not in load_checkpoint_file(tmp_path / "cut" / "last.pt")
+
+
+def test_stop_between_epochs_keeps_the_epoch_checkpoint(stores, tmp_path):
+    from cnn_mellin.training import TrainingInterrupted
+
+    train_dir, dev_dir = stores
+    config = tiny_config(num_epochs=2, **FAST)
+    scored = []
+
+    def callback(epoch, *_):
+        scored.append(epoch)  # the stop arrives while epoch 1 is scored
+
+    def stop():
+        return bool(scored)
+
+    with pytest.raises(TrainingInterrupted) as cut:
+        train(config, train_dir, dev_dir, model_dir=tmp_path, stop_requested=stop,
+              epoch_callback=callback)
+    assert cut.value.epoch == 2 and cut.value.batches == 0 and cut.value.step == 8
+    saved = load_checkpoint_file(tmp_path / "last.pt")
+    assert saved["epoch"] == 1 and "mid_epoch" not in saved

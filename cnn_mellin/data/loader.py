@@ -75,11 +75,14 @@ class BucketBatchSampler(Sampler[list[int]]):
         self.seed = int(seed)
         self.drop_last = drop_last
         self.epoch = 0
+        self.start = 0
         self._order = sorted(range(len(self.num_frames)), key=lambda i: (self.num_frames[i], i))
 
-    def set_epoch(self, epoch: int) -> None:
-        """Select the epoch whose batches ``__iter__`` yields."""
+    def set_epoch(self, epoch: int, start: int = 0) -> None:
+        """Select the epoch whose batches ``__iter__`` yields, from its batch ``start`` on
+        (a run resumed in the middle of an epoch)."""
         self.epoch = int(epoch)
+        self.start = int(start)
 
     def batches(self) -> list[list[int]]:
         """The batches of the current epoch, in order."""
@@ -102,7 +105,7 @@ class BucketBatchSampler(Sampler[list[int]]):
         return batches
 
     def __iter__(self) -> Iterator[list[int]]:
-        return iter(self.batches())
+        return iter(self.batches()[self.start:])
 
     def __len__(self) -> int:
         full, rest = divmod(len(self.num_frames), self.batch_size)

@@ -2,7 +2,10 @@
 
 Every random choice in epoch ``e`` (dropout, augmentation, shuffling) is derived from
 ``(training.seed, e)``, and each epoch ends with an atomic checkpoint, so a run
-restarted after being killed repeats the uninterrupted run exactly (on CPU). The
+restarted after being killed repeats the uninterrupted run exactly (on CPU). A run asked
+to stop (``stop_requested``, e.g. SIGTERM before a time limit) also checkpoints between two
+optimiser steps of an epoch, with the epoch's position, running sums and RNG states, and
+a restart goes on from that step with the same weights as an uninterrupted run. The
 per-epoch history in that checkpoint is also written to ``metrics.jsonl``
 (:mod:`cnn_mellin.training.metrics`).
 """
@@ -26,9 +29,9 @@ from cnn_mellin.training.augment import Augmenter
 from cnn_mellin.training.checkpoint import load_resume, rng_states, save_resume, set_rng_states
 from cnn_mellin.training.metrics import peak_memory_bytes, write_metrics
 from cnn_mellin.training.schedule import LRSchedule, optimizer_from_params
-from cnn_mellin.training.step import Stepper, TrainingDiverged
+from cnn_mellin.training.step import EpochInterrupted, Stepper, TrainingDiverged
 
-__all__ = ["TrainResult", "TrainingDiverged", "train"]
+__all__ = ["TrainResult", "TrainingDiverged", "TrainingInterrupted", "train"]
 
 log = logging.getLogger(__name__)
 
@@ -44,9 +47,23 @@ class TrainResult:
     history: list[dict] = field(default_factory=list)
     skipped_steps_total: int = 0
     resumed_from_epoch: int | None = None
+    resumed_from_step: int | None = None
     model_path: Path | None = None
     impossible_utts: list[str] = field(default_factory=list)
     stopped_early: bool = False
+
+
+class TrainingInterrupted(Exception):
+    """Training stopped because a stop was requested, after checkpointing where it was.
+
+    ``epoch`` is the epoch it was in (``batches`` of it done; 0: between epochs) and
+    ``step`` the optimiser steps taken in all.
+    """
+
+    def __init__(self, epoch: int, batches: int, step: int):
+        where = f"epoch {epoch}, batch {batches}" if batches else f"before epoch {epoch}"
+        super().__init__(f"training stopped at step {step} ({where})")
+        self.epoch, self.batches, self.step = epoch, batches, step
 
 
 def _cpu_seconds() -> float:
@@ -139,6 +156,7 @@ def train(
     train_utts: Sequence[str] | None = None, dev_utts: Sequence[str] | None = None,
     epoch_callback: Callable[[int, float, float], None] | None = None,
     num_workers: int = 0, progress: bool = False,
+    stop_requested: Callable[[], bool] | None = None,
 ) -> TrainResult:
     """Train the acoustic model of ``config`` with CTC on ``train_dir``; see the module doc.
 
@@ -153,6 +171,9 @@ def train(
     resume it is first replayed for the epochs restored from the checkpoint, since a process
     killed between writing a checkpoint and the callback would otherwise lose that epoch's
     report. Callers that keep reports across restarts must ignore repeats.
+
+    ``stop_requested()`` is asked after every optimiser step and between epochs; once it
+    is true, ``last.pt`` is written for that step and :class:`TrainingInterrupted` raised.
     """
     from cnn_mellin.data.loader import make_loader
     from cnn_mellin.model import AcousticModel, check_model_config
@@ -215,12 +236,20 @@ def train(
         skipped_total, stopped = int(state["skipped_total"]), bool(state["stopped"])
         impossible = list(state["impossible"])
         epoch = int(state["epoch"])
-        log.info("resuming %s after epoch %d", model_dir, epoch)
+        mid = state.get("mid_epoch")
+        if mid is not None:
+            log.info("resuming %s in epoch %d after batch %d (step %d)", model_dir,
+                     mid["epoch"], mid["batches"], schedule.steps)
+        else:
+            log.info("resuming %s after epoch %d", model_dir, epoch)
     stepper = Stepper(model, optimizer, schedule, tp, dev, Augmenter(tp, info.mean, info.std),
                       impossible)
+    mid = None
     if state is not None:
         stepper.scaler.load_state_dict(state["scaler"])
+        mid = state.get("mid_epoch")
     resumed_from = epoch if state is not None else None
+    resumed_step = schedule.steps if state is not None else None
     write_metrics(model_dir, history)  # drops lines of epochs the checkpoint does not hold
 
     if epoch_callback is not None:
@@ -229,14 +258,53 @@ def train(
 
     gen = torch.Generator()
     num_epochs = tp["num_epochs"]
+    def checkpoint(done_epochs: int, mid_epoch: dict | None = None) -> None:
+        save_resume(model_dir, {
+            "signature": signature, "epoch": done_epochs, "model": model.state_dict(),
+            "optimizer": optimizer.state_dict(), "schedule": schedule.state_dict(),
+            "scaler": stepper.scaler.state_dict(), "rng": rng_states(), "history": history,
+            "best": best, "early": early, "skipped_total": skipped_total, "stopped": stopped,
+            "impossible": stepper.impossible,
+            **({"mid_epoch": mid_epoch} if mid_epoch is not None else {}),
+        })
+
     while epoch < num_epochs and not stopped:
+        if stop_requested is not None and stop_requested():
+            raise TrainingInterrupted(epoch + 1, 0, schedule.steps)  # last.pt is this epoch's
         epoch += 1
         began, cpu_began = time.perf_counter(), _cpu_seconds()
         torch.manual_seed(_epoch_seed(seed, epoch))
         gen.manual_seed(_epoch_seed(seed, epoch) + 1)
-        loader.batch_sampler.set_epoch(epoch)
-        with _progress(len(loader), progress, f"epoch {epoch}/{num_epochs}") as bar:
-            stats = stepper.run_epoch(loader, epoch, gen, bar)
+        resume = mid if mid is not None and mid["epoch"] == epoch else None
+        mid = None
+        start = int(resume["batches"]) if resume else 0
+        loader.batch_sampler.set_epoch(epoch, start)
+
+        def restore(resume=resume):
+            set_rng_states(state["rng"])
+            gen.set_state(resume["gen"])
+            stepper.bad_run = int(resume["bad_run"])
+
+        if resume:
+            began -= resume["seconds"]
+            cpu_began -= resume["cpu_seconds"]
+        try:
+            with _progress(len(loader), progress, f"epoch {epoch}/{num_epochs}") as bar:
+                stats = stepper.run_epoch(
+                    loader, epoch, gen, bar, start=start,
+                    partial=resume["partial"] if resume else None, stop=stop_requested,
+                    started=restore if resume else None,
+                )
+        except EpochInterrupted as cut:
+            checkpoint(epoch - 1, {
+                "epoch": epoch, "batches": cut.batches, "partial": cut.partial,
+                "gen": gen.get_state(), "bad_run": stepper.bad_run,
+                "seconds": time.perf_counter() - began,
+                "cpu_seconds": _cpu_seconds() - cpu_began,
+            })
+            log.info("stopped in epoch %d after batch %d (step %d); %s resumes there",
+                     epoch, cut.batches, schedule.steps, model_dir / "last.pt")
+            raise TrainingInterrupted(epoch, cut.batches, schedule.steps) from None
         dev_error = _score(model, dev_loader, dev, stepper.autocast) if dev_loader else math.nan
         monitor = dev_error if dev_loader else stats.train_loss
         schedule.epoch_end(monitor)
@@ -256,13 +324,7 @@ def train(
                 extra={"epoch": epoch, "dev_error": dev_error, "train_loss": stats.train_loss},
             )
         stopped = _early_stop(tp, early, epoch, monitor)
-        save_resume(model_dir, {
-            "signature": signature, "epoch": epoch, "model": model.state_dict(),
-            "optimizer": optimizer.state_dict(), "schedule": schedule.state_dict(),
-            "scaler": stepper.scaler.state_dict(), "rng": rng_states(), "history": history,
-            "best": best, "early": early, "skipped_total": skipped_total, "stopped": stopped,
-            "impossible": stepper.impossible,
-        })
+        checkpoint(epoch)
         write_metrics(model_dir, history)
         log.info(
             "epoch %d/%d: train loss %.4f, dev PER %.4f, lr %.3g, %d skipped steps, %.1f s "
@@ -290,6 +352,7 @@ def train(
         history=history,
         skipped_steps_total=skipped_total,
         resumed_from_epoch=resumed_from,
+        resumed_from_step=resumed_step,
         model_path=model_dir / MODEL_FILE,
         impossible_utts=list(stepper.impossible),
         stopped_early=stopped,

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import logging
 import math
+from collections.abc import Callable
 from contextlib import nullcontext
 from dataclasses import dataclass
 from typing import Any
@@ -27,6 +28,19 @@ log = logging.getLogger(__name__)
 
 class TrainingDiverged(Exception):
     """Too many consecutive optimiser steps had a non-finite loss or gradient."""
+
+
+class EpochInterrupted(Exception):
+    """The epoch stopped between two optimiser steps because a stop was requested.
+
+    ``batches`` of the epoch were consumed; ``partial`` holds the epoch's running sums,
+    which :meth:`Stepper.run_epoch` takes back to finish the epoch as if never stopped.
+    """
+
+    def __init__(self, batches: int, partial: dict):
+        super().__init__(f"stopped after batch {batches}")
+        self.batches = batches
+        self.partial = partial
 
 
 def ctc_feasible(targets: torch.Tensor, target_lens: torch.Tensor, out_lens: torch.Tensor):
@@ -126,17 +140,34 @@ class Stepper:
             return "applied", norm
         return ("backoff" if scale > _MIN_BACKOFF_SCALE else "bad"), norm
 
-    def run_epoch(self, loader, epoch: int, gen: torch.Generator, bar) -> EpochStats:
-        """One pass over ``loader``; raises TrainingDiverged after too many bad steps."""
+    def run_epoch(
+        self, loader, epoch: int, gen: torch.Generator, bar, *, start: int = 0,
+        partial: dict | None = None, stop: Callable[[], bool] | None = None,
+        started: Callable[[], None] | None = None,
+    ) -> EpochStats:
+        """One pass over ``loader``; raises TrainingDiverged after too many bad steps.
+
+        ``start``/``partial``: the epoch is resumed after its first ``start`` batches (the
+        loader yields from there) with the running sums an :class:`EpochInterrupted` gave.
+        ``stop()`` is asked after every optimiser step; True raises EpochInterrupted.
+        ``started()`` runs once the loader's iterator exists (which draws from the global
+        RNG), so a resumed epoch can restore its RNG states after that draw.
+        """
         accumulation = self.p["grad_accumulation"]
         self.model.train()
-        loss_sum, loss_count, skipped, rate = 0.0, 0, 0, math.nan
-        norms: list[float] = []
-        backoffs = 0
+        partial = partial or {}
+        loss_sum = float(partial.get("loss_sum", 0.0))
+        loss_count, skipped = int(partial.get("loss_count", 0)), int(partial.get("skipped", 0))
+        rate = float(partial.get("rate", math.nan))
+        norms: list[float] = list(partial.get("norms", []))
+        backoffs = int(partial.get("backoffs", 0))
         bad, seen = False, 0
         self.optimizer.zero_grad(set_to_none=True)
         non_blocking = self.device.type == "cuda"
-        for index, batch in enumerate(loader):
+        batches = iter(loader)
+        if started is not None:
+            started()
+        for index, batch in enumerate(batches, start):
             loss = self._loss(batch.to(self.device, non_blocking=non_blocking), gen)
             if loss is not None:
                 value = float(loss.detach())
@@ -175,6 +206,11 @@ class Stepper:
                         f"gradient (epoch {epoch}, learning rate {rate:.3g})"
                     )
             bar.set_postfix(loss=f"{loss_sum / max(loss_count, 1):.3f}", refresh=False)
+            if stop is not None and stop():
+                raise EpochInterrupted(index + 1, {
+                    "loss_sum": loss_sum, "loss_count": loss_count, "skipped": skipped,
+                    "rate": rate, "norms": norms, "backoffs": backoffs,
+                })
         return EpochStats(
             loss_sum / loss_count if loss_count else math.nan, skipped, rate,
             sum(norms) / len(norms) if norms else math.nan, max(norms, default=math.nan),
