@@ -70,12 +70,15 @@ def register(commands) -> None:
         "'important' ranks it, parallel coordinates, learning curves, memory, prune and "
         "failure reasons, a timeline per worker); it works opened from disk, offline. Each "
         "figure is also written as a PNG (needs a Chrome or Chromium; without one, a warning "
-        "and no PNG), the trials as trials.csv. An earlier report in OUT_DIR is replaced.",
+        "and no PNG), the trials as trials.csv.",
     )
-    report.add_argument("out_dir", metavar="OUT_DIR")
+    report.add_argument("out_dir", metavar="OUT_DIR",
+                        help="folder to write; an earlier report there is replaced, any other "
+                        "non-empty folder refused")
     report.add_argument("--studies", nargs="+", default=None, metavar="NAME",
                         help="report on several studies of DB_URL in one page, in this order "
-                        "(e.g. the sm, md and lg stages of a search); instead of --study-name")
+                        "(e.g. the sm, md and lg stages of a search), instead of "
+                        "--study-name; give OUT_DIR first: report OUT_DIR --studies A B")
     report.add_argument("--no-png", action="store_true",
                         help="write no PNG (skips starting a browser)")
     report.set_defaults(func=run_report, needs_device=False)
