@@ -59,6 +59,8 @@ def write_pngs(jobs: list[tuple[go.Figure, Path, int, int]], timeout: float = 12
         ) from None
     except (BrowserFailedError, BrowserClosedError) as err:
         raise PngUnavailable(f"the browser for plotly's PNG export failed: {err}") from None
+    except TimeoutError:
+        raise PngUnavailable(f"the browser took over {timeout:g} s for a figure") from None
     if errors:
         raise PngUnavailable(f"the browser could not render a figure: {errors[0]}")
     missing = [path for _, path, _, _ in jobs if not Path(path).is_file()]
