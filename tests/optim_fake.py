@@ -6,6 +6,8 @@ epoch checkpoint so a retry resumes, and misbehaves on request: optimizer ``sgd`
 out of memory, ``rmsprop`` reports a NaN, ``adamw`` raises the error ``FAKE_ADAMW_ERROR``
 names (``bug``, ``data`` or ``config``) when that is set. Memory needed:
 ``data.batch_size`` MB. It does not import torch, so its worker processes start fast.
+An epoch is ``FAKE_STEPS`` steps (default 1); the task stops on request after any step,
+checkpointing it (file ``step``), and a retry goes on from there like ``asr`` does.
 """
 
 from __future__ import annotations
@@ -17,7 +19,9 @@ import time
 from pathlib import Path
 
 from cnn_mellin.errors import ConfigError, DataError
+from cnn_mellin.optim.attrs import RESUMED_FROM_STEP, STOPPED_AT_STEP
 from cnn_mellin.tasks import MemoryFigure, Task, TaskResult
+from cnn_mellin.tasks.base import TrialInterrupted
 
 MB = 1_000_000
 
@@ -28,8 +32,15 @@ def fake_value(config) -> float:
     return (math.log10(lr) + 3.0) ** 2 + abs(config["data.batch_size"] - 16) / 16
 
 
+def _write(path: Path, value: int) -> None:
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(str(value))
+    os.replace(tmp, path)
+
+
 class FakeTask(Task):
     name = "fake"
+    STOPS_ON_REQUEST = True
 
     @classmethod
     def prepare(cls, options, config):
@@ -66,21 +77,35 @@ class FakeTask(Task):
         context.checkpoint_dir.mkdir(parents=True, exist_ok=True)
         state = context.checkpoint_dir / "epoch"
         start = int(state.read_text()) if state.exists() else 0
+        steps = int(os.environ.get("FAKE_STEPS", "1"))
+        step_file = context.checkpoint_dir / "step"
+        step = int(step_file.read_text()) if step_file.exists() else start * steps
+        resumed_step = step if step else None
         value = float(os.environ.get("FAKE_VALUE", fake_value(config)))
         epochs = config["training.num_epochs"]
         for epoch in range(1, start + 1):  # replayed: the kill may have come before the report
             context.report(epoch, value + 1 / epoch)
         for epoch in range(start + 1, epochs + 1):
-            time.sleep(epoch_s)
+            while step < epoch * steps:
+                time.sleep(epoch_s / steps)
+                step += 1
+                if step < epoch * steps:
+                    _write(step_file, step)
+                    if context.stop_requested():
+                        context.record(STOPPED_AT_STEP, step)
+                        raise TrialInterrupted(f"stopped at step {step}")
             if optimizer == "sgd":
                 raise MemoryError("fake allocation failure")
-            tmp = state.with_suffix(".tmp")
-            tmp.write_text(str(epoch))
-            os.replace(tmp, state)
+            _write(state, epoch)
+            _write(step_file, step)
             if os.environ.get("FAKE_DIE_BEFORE_REPORT") == str(epoch):
                 os.kill(os.getpid(), signal.SIGKILL)  # checkpointed, never reported
             context.report(epoch, float("nan") if optimizer == "rmsprop" else value + 1 / epoch)
+            if epoch < epochs and context.stop_requested():
+                context.record(STOPPED_AT_STEP, step)
+                raise TrialInterrupted(f"stopped at step {step}")
         return TaskResult(
             value=value, epochs=epochs, peak_bytes=config["data.batch_size"] * MB,
             resumed_from_epoch=start or None,
+            attrs={RESUMED_FROM_STEP: resumed_step} if resumed_step else {},
         )

@@ -178,3 +178,54 @@ def test_admission_is_measured_on_cuda(tmp_path):
     assert trial.user_attrs["peak_bytes_method"] == "measured during training"
     assert 0 < trial.user_attrs["admission_bytes"] < 10**10
     assert trial.user_attrs["worker"]["device"] == "cuda"
+
+
+def test_sigterm_checkpoints_the_step_and_the_retry_ends_as_an_uninterrupted_run(tmp_path):
+    """SIGTERM mid-training: the trial hands back at once with the step it saved; its retry
+    resumes from that step and ends with the weights of a run never stopped."""
+    import threading
+
+    from cnn_mellin.data.store import read_info
+    from cnn_mellin.decoding import load_checkpoint_file
+    from cnn_mellin.training import train
+
+    url = str(tmp_path / "s.journal")
+    config = tiny_config(num_epochs=3, noise_std=0.2)
+    settings = _asr_study(url, tmp_path, num_trials=1, config=config)
+
+    def send_after_first_epoch():
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline:
+            if list((tmp_path / "ckpt" / "asr").glob("*/trial-0/last.pt")):
+                os.kill(os.getpid(), signal.SIGTERM)
+                return
+            time.sleep(0.005)
+
+    sender = threading.Thread(target=send_after_first_epoch)
+    sender.start()
+    began = time.monotonic()
+    summary = run_worker(url, "asr", seed=0)
+    sender.join()
+    assert summary.exit_code == 128 + signal.SIGTERM
+    assert time.monotonic() - began < 60
+    study = load(url, "asr")
+    [failed] = study.get_trials(states=(TrialState.FAIL,))
+    [retry] = study.get_trials(states=(TrialState.WAITING,))
+    assert failed.user_attrs["fail_kind"] == "interrupted"
+    stopped = failed.user_attrs["stopped_at_step"]
+    [last] = (tmp_path / "ckpt" / "asr").glob("*/trial-0/last.pt")
+    assert load_checkpoint_file(last)["schedule"]["steps"] == stopped > 0
+    assert retry.user_attrs["retry_of"] == 0
+    assert retry.system_attrs["fixed_params"] == failed.params
+
+    assert run_worker(url, "asr", seed=0).exit_code == 0
+    [done] = load(url, "asr").get_trials(states=(TrialState.COMPLETE,))
+    assert done.user_attrs["resumed_from_step"] == stopped
+    task = settings.build_task()
+    train_utts, dev_utts = task.split(read_info(settings.task_info["data_dir"]).utt_ids)
+    straight = train(settings.config().replace(failed.params), settings.task_info["data_dir"],
+                     model_dir=tmp_path / "straight", train_utts=train_utts, dev_utts=dev_utts)
+    a = load_checkpoint_file(tmp_path / "straight" / "last.pt")["model"]
+    b = load_checkpoint_file(last)["model"]
+    assert all(torch.allclose(a[k], b[k], rtol=0, atol=1e-6) for k in a)
+    assert done.value == pytest.approx(straight.best_dev_error)

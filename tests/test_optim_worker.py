@@ -438,3 +438,35 @@ def test_worker_stops_with_one_line_after_max_outage_and_its_trial_is_retried(
     [retry] = [t for t in study.get_trials() if t.user_attrs.get("retry_of") == victim.number]
     assert retry.state == TrialState.COMPLETE and retry.user_attrs["resumed_from_epoch"] >= 1
     assert states(study) == {"COMPLETE": 2, "FAIL": 1}
+
+
+def test_sigterm_hands_back_at_the_step_and_the_retry_resumes_there(tmp_path):
+    url = _journal(tmp_path)
+    fake_study(url, tmp_path, name="steps", num_trials=1, whitelist=["training.learning_rate"],
+               base={"training.num_epochs": 2})
+    worker = start_worker(url, "steps", FAKE_EPOCH_S=4, FAKE_STEPS=40)
+    victim = None
+    deadline = time.monotonic() + 60
+    while victim is None and time.monotonic() < deadline:
+        victim = next(iter(load(url, "steps").get_trials(states=(TrialState.RUNNING,))), None)
+        time.sleep(0.1)
+    assert victim is not None
+    step_file = next((tmp_path / "ckpt" / "steps").glob("*/trial-0"), tmp_path) / "step"
+    while not step_file.exists() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    sent = time.monotonic()
+    worker.send_signal(signal.SIGTERM)
+    [(code, err)] = wait_all([worker])
+    assert code == 128 + signal.SIGTERM, err
+    assert time.monotonic() - sent < 5  # a step is 0.1 s: no waiting for the epoch to end
+    study = load(url, "steps")
+    failed = study._storage.get_trial(victim._trial_id)
+    stopped = failed.user_attrs["stopped_at_step"]
+    assert failed.state == TrialState.FAIL and 0 < stopped < 40
+    assert int(step_file.read_text()) == stopped
+    [waiting] = study.get_trials(states=(TrialState.WAITING,))
+    assert waiting.user_attrs["retry_of"] == victim.number
+    [(code, err)] = wait_all([start_worker(url, "steps", FAKE_EPOCH_S=0.4, FAKE_STEPS=40)])
+    assert code == 0, err
+    [retry] = load(url, "steps").get_trials(states=(TrialState.COMPLETE,))
+    assert retry.user_attrs["resumed_from_step"] == stopped

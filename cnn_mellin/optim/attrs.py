@@ -15,6 +15,8 @@ ADMISSION_METHOD = "admission_method"
 PRUNE_REASON = "prune_reason"
 PRUNE_KIND = "prune_kind"  # pruner | memory | oom | invalid | nonfinite | a task's own
 RESUMED_FROM = "resumed_from_epoch"
+RESUMED_FROM_STEP = "resumed_from_step"  # optimiser steps a retry found in its checkpoint
+STOPPED_AT_STEP = "stopped_at_step"  # where an interrupted trial checkpointed before handing back
 
 # -- trial user attributes of the budget: replacements and failures -----------------------
 REPLACES = "replaces"

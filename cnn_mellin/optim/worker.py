@@ -8,7 +8,9 @@ per-epoch reports for the pruner → record wall time, epochs, peak memory, devi
 host → tell. Out-of-memory errors and non-finite values prune the trial with the reason;
 the worker carries on. Any other error fails the trial (a fresh trial replaces it).
 SIGTERM / SIGINT fail the running trial as interrupted and enqueue its retry, which
-resumes from the trial's checkpoints. The loop ends when the budget is done.
+resumes from the trial's checkpoints; a task that stops on request (``asr``) first saves a
+checkpoint of the step it is at (within :data:`STOP_GRACE_S`). The loop ends when the
+budget is done.
 """
 
 from __future__ import annotations
@@ -48,6 +50,7 @@ from cnn_mellin.optim.attrs import (
     REPLACES,
     RESUMED_FROM,
     RETRY_OF,
+    STOPPED_AT_STEP,
     VALID_CONSTRAINT,
     WALL_TIME,
 )
@@ -61,11 +64,14 @@ from cnn_mellin.optim.storage import (
 )
 from cnn_mellin.optim.study import StudySettings, checkpoint_root, read_settings
 from cnn_mellin.tasks import MemoryExceeded, PruneTrial, Task, TrialContext
+from cnn_mellin.tasks.base import TrialInterrupted
 
 _log = logging.getLogger("cnn_mellin.optim")
 
 MAX_CONSECUTIVE_ERRORS = 3
-
+# after SIGTERM, how long a task that stops on request may take to save its step before
+# the worker interrupts it; below SLURM's default KillWait (30 s) between SIGTERM and SIGKILL
+STOP_GRACE_S = 20.0
 
 
 class WorkerStopped(BaseException):
@@ -203,6 +209,33 @@ class Worker:
             self.study, refresh_s=max(60.0, 6 * interval), seed=self.identity.pid
         )
         self.monitor.on_enqueue = self.claimer.invalidate
+        self.stop_signal: int | None = None  # set by a SIGTERM/SIGINT the task may finish
+        self._polite = False  # inside the run of a task that stops on request
+
+    # -- signals ------------------------------------------------------------------------
+
+    def on_signal(self, signum: int, _frame=None) -> None:
+        """SIGTERM/SIGINT: ask a task that stops on request to save its step, else stop now."""
+        if self.stop_signal is None and self._polite:
+            self.stop_signal = signum
+            _log.warning("%s: the trial saves the step it is at, then the worker stops",
+                         signal.Signals(signum).name)
+            signal.signal(signal.SIGALRM, self._stop_now)
+            signal.setitimer(signal.ITIMER_REAL, STOP_GRACE_S)
+            return
+        self._stop_now(signum)
+
+    def _stop_now(self, signum: int, _frame=None) -> None:
+        if signum == signal.SIGALRM:
+            _log.warning("the trial did not stop within %g s; interrupting it", STOP_GRACE_S)
+            signum = self.stop_signal or signal.SIGTERM
+        # a second signal must not interrupt the re-enqueueing of the trial
+        for ignored in (signal.SIGTERM, signal.SIGINT, signal.SIGALRM):
+            signal.signal(ignored, signal.SIG_IGN)
+        raise WorkerStopped(signum)
+
+    def _stop_requested(self) -> bool:
+        return self.stop_signal is not None
 
     # -- the loop -----------------------------------------------------------------------
 
@@ -237,6 +270,8 @@ class Worker:
                 if self.max_trials is not None and sum(summary.outcomes.values()) >= \
                         self.max_trials:
                     break
+                if self.stop_signal is not None:  # the trial ended before it saw the stop
+                    raise WorkerStopped(self.stop_signal)
         finally:
             self.monitor.stop()
         return summary
@@ -295,6 +330,15 @@ class Worker:
         except WorkerStopped as stop:
             self._fail(trial, claimed, "interrupted", f"worker stopped by {stop}")
             raise
+        except TrialInterrupted as stopped:
+            signal.setitimer(signal.ITIMER_REAL, 0)
+            signum = self.stop_signal or signal.SIGTERM
+            for key in (STOPPED_AT_STEP, EPOCHS):
+                if key in facts:
+                    storage.set_trial_user_attr(trial_id, key, facts[key])
+            self._fail(trial, claimed, "interrupted",
+                       f"worker stopped by {signal.Signals(signum).name}: {stopped}")
+            raise WorkerStopped(signum) from None
         except DatabaseUnreachable:  # nothing can be written; the reaper retries the trial
             raise
         except ConfigError as err:  # this configuration cannot run (found out late)
@@ -367,8 +411,13 @@ class Worker:
             record=facts.__setitem__,
             record_peak=lambda peak, method: facts.update({PEAK_BYTES: int(peak),
                                                            PEAK_METHOD: method}),
+            stop_requested=self._stop_requested,
         )
-        return self.task.run(config, context)
+        self._polite = self.task.STOPS_ON_REQUEST
+        try:
+            return self.task.run(config, context)
+        finally:
+            self._polite = False
 
     def _admit(self, config: Config, facts: dict) -> None:
         limit = self.settings.mem_limit_bytes
@@ -467,13 +516,6 @@ class Worker:
         self.claimer.invalidate()
 
 
-def _raise_stop(signum, _frame):
-    # a second signal must not interrupt the re-enqueueing of the trial
-    signal.signal(signal.SIGTERM, signal.SIG_IGN)
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-    raise WorkerStopped(signum)
-
-
 def run_worker(
     db_url: str, study_name: str | None, *, device: str = "cpu", sampler: str = "random",
     seed: int | None = None, max_trials: int | None = None,
@@ -487,14 +529,18 @@ def run_worker(
     in_main = threading.current_thread() is threading.main_thread()
     previous = {}
     if in_main:
+        for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGALRM):
+            previous[signum] = signal.signal(signum, signal.getsignal(signum))
         for signum in (signal.SIGTERM, signal.SIGINT):
-            previous[signum] = signal.signal(signum, _raise_stop)
+            signal.signal(signum, worker.on_signal)
     try:
         summary = worker.run()
     except WorkerStopped as stop:
         summary = WorkerSummary(exit_code=128 + stop.signum)
         _log.warning("worker stopped by %s; its trial was re-enqueued", stop)
     finally:
+        if in_main:
+            signal.setitimer(signal.ITIMER_REAL, 0)
         for signum, handler in previous.items():
             signal.signal(signum, handler)
     _log.info("worker done: %s", summary)

@@ -18,6 +18,7 @@ from typing import Any
 
 from cnn_mellin.config import Config
 from cnn_mellin.errors import ConfigError, DataError
+from cnn_mellin.optim.attrs import RESUMED_FROM_STEP, STOPPED_AT_STEP
 from cnn_mellin.tasks.base import (
     MemoryFigure,
     PruneTrial,
@@ -25,6 +26,7 @@ from cnn_mellin.tasks.base import (
     TaskOption,
     TaskResult,
     TrialContext,
+    TrialInterrupted,
 )
 
 DEFAULT_DEV_PROPORTION = 0.1
@@ -77,6 +79,7 @@ class AsrTask(Task):
 
     name = "asr"
     summary = "train the CTC acoustic model on DATA_DIR; value: dev phone error rate"
+    STOPS_ON_REQUEST = True  # training checkpoints the optimiser step it is at
     OPTIONS = (
         TaskOption(
             "--dev-proportion", "share of DATA_DIR held out for the dev error, split by "
@@ -186,7 +189,7 @@ class AsrTask(Task):
     def run(self, config: Config, context: TrialContext) -> TaskResult:
         import torch
 
-        from cnn_mellin.training import TrainingDiverged, train
+        from cnn_mellin.training import TrainingDiverged, TrainingInterrupted, train
 
         info = self._read()
         train_utts, dev_utts = self.split(info.utt_ids)
@@ -202,14 +205,20 @@ class AsrTask(Task):
                 config, self.info["data_dir"], None, model_dir=context.checkpoint_dir,
                 device=context.device, train_utts=train_utts, dev_utts=dev_utts,
                 epoch_callback=on_epoch, num_workers=context.num_data_workers,
+                stop_requested=context.stop_requested,
             )
         except TrainingDiverged as err:
             raise PruneTrial(f"diverged: {err}", kind="diverged") from None
+        except TrainingInterrupted as stop:
+            context.record(STOPPED_AT_STEP, stop.step)
+            raise TrialInterrupted(str(stop)) from None
         peak = int(torch.cuda.max_memory_allocated(context.device)) if cuda else None
         return TaskResult(
             value=float(result.best_dev_error), epochs=int(result.epochs_run), peak_bytes=peak,
             resumed_from_epoch=result.resumed_from_epoch,
             attrs={"best_epoch": result.best_epoch, "model_path": str(result.model_path),
                    "final_dev_error": float(result.final_dev_error),
-                   "skipped_steps": result.skipped_steps_total},
+                   "skipped_steps": result.skipped_steps_total,
+                   **({RESUMED_FROM_STEP: result.resumed_from_step}
+                      if result.resumed_from_step is not None else {})},
         )

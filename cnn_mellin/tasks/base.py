@@ -37,6 +37,14 @@ class PruneTrial(Exception):
         self.kind = kind
 
 
+class TrialInterrupted(Exception):
+    """Raised by a task that stopped because ``context.stop_requested()`` turned true.
+
+    The task has saved what a retry needs to go on from where it stopped (``asr``: a
+    checkpoint of the optimiser step it was at); the worker hands the trial back at once.
+    """
+
+
 class MemoryExceeded(PruneTrial):
     """Raised by a task whose trial went over the study's memory limit while running.
 
@@ -74,6 +82,10 @@ def _ignore(*args: Any) -> None:
     return None
 
 
+def _never() -> bool:
+    return False
+
+
 @dataclass
 class TrialContext:
     """What the worker lends a running trial.
@@ -85,7 +97,10 @@ class TrialContext:
     and report lost them); repeats of an epoch already recorded are ignored.
     ``record(key, value)`` stores a fact on the trial (a user attribute) however the trial
     ends, pruned included; ``record_peak(bytes, method)`` its peak memory so far.
-    ``mem_limit_bytes`` is the study's limit (None: no limit).
+    ``mem_limit_bytes`` is the study's limit (None: no limit). ``stop_requested()`` turns
+    true when the worker was told to stop (SIGTERM: preemption, a time limit): a task whose
+    :attr:`Task.STOPS_ON_REQUEST` is set then saves its state and raises
+    :class:`TrialInterrupted`.
     """
 
     device: str
@@ -96,6 +111,7 @@ class TrialContext:
     mem_limit_bytes: int | None = None
     record: Callable[[str, Any], None] = _ignore
     record_peak: Callable[[int, str], None] = _ignore
+    stop_requested: Callable[[], bool] = _never
 
 
 @dataclass(frozen=True)
@@ -128,6 +144,9 @@ class Task(abc.ABC):
     name: ClassVar[str]
     summary: ClassVar[str] = ""
     OPTIONS: ClassVar[tuple[TaskOption, ...]] = ()
+    # True: run() polls context.stop_requested() often (every few seconds at most), so on
+    # SIGTERM the worker lets it save its state; False: the worker interrupts run() at once
+    STOPS_ON_REQUEST: ClassVar[bool] = False
 
     def __init__(self, info: Mapping[str, Any]):
         self.info = dict(info)
