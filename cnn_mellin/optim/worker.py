@@ -55,6 +55,7 @@ from cnn_mellin.optim.attrs import (
     WALL_TIME,
 )
 from cnn_mellin.optim.attrs import WORKER as WORKER_ATTR
+from cnn_mellin.optim.cpus import allocated_cpus, use_threads
 from cnn_mellin.optim.defaults import DEFAULT_MAX_OUTAGE_S, SAMPLERS
 from cnn_mellin.optim.heartbeat import Monitor, WorkerIdentity
 from cnn_mellin.optim.storage import (
@@ -521,7 +522,13 @@ def run_worker(
     seed: int | None = None, max_trials: int | None = None,
     max_outage_s: float = DEFAULT_MAX_OUTAGE_S,
 ) -> WorkerSummary:
-    """Run one worker in this process; SIGTERM/SIGINT stop it after re-enqueueing its trial."""
+    """Run one worker in this process; SIGTERM/SIGINT stop it after re-enqueueing its trial.
+
+    Torch and the task's processes use the CPUs allocated to this process (see
+    :mod:`cnn_mellin.optim.cpus`) unless ``OMP_NUM_THREADS`` says otherwise.
+    """
+    use_threads(allocated_cpus())
+    _log.info("worker on %s with %s CPU threads", device, os.environ["OMP_NUM_THREADS"])
     worker = Worker(
         db_url, study_name, device=device, sampler=sampler, seed=seed, max_trials=max_trials,
         max_outage_s=max_outage_s,
@@ -549,10 +556,7 @@ def run_worker(
 
 def _child(db_url, study_name, device, sampler, seed, max_trials, max_outage_s, verbose,
            threads) -> None:
-    if threads is not None:
-        import torch
-
-        torch.set_num_threads(threads)
+    use_threads(threads)
     logging.basicConfig(
         level=logging.DEBUG if verbose else logging.INFO,
         format="%(asctime)s %(processName)s %(levelname)s: %(message)s",
@@ -594,8 +598,8 @@ def run_workers(
     # fail fast, in this process, on a bad URL or study
     read_settings(load_study(open_storage(db_url), study_name, db_url))
     context = multiprocessing.get_context("spawn")
-    # CPU workers share this machine's cores instead of each taking all of them
-    threads = max(1, (os.cpu_count() or 1) // workers) if device == "cpu" else None
+    # workers share the job's CPUs instead of each taking all of the node's cores
+    threads = max(1, allocated_cpus() // workers)
     processes = [
         context.Process(
             target=_child, name=f"worker-{i}",
