@@ -530,12 +530,17 @@ def main(argv=None) -> None:
                         "2 workers x 15 min, and 3600)")
     p.add_argument("--cost", choices=("epoch_cpu_seconds", "epoch_seconds"),
                    default="epoch_cpu_seconds", help="an epoch's cost: CPU or wall seconds")
+    p.add_argument("--first", type=int, default=None, metavar="N",
+                   help="use only configurations 0..N-1 (to reproduce figures taken when "
+                        "the table was smaller)")
     p.add_argument("--quick", action="store_true", help="the baseline and 3 specs only")
     args = p.parse_args(argv)
     optuna.logging.set_verbosity(optuna.logging.ERROR)
     warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
 
     table = load_table(args.table, cost=args.cost)
+    if args.first is not None:
+        table.curves = {i: c for i, c in table.curves.items() if i < args.first}
     names = space_names(table, args.space)
     pool = table.pool(["model"] if args.space == "model" else ["training"])
     # the lg stage searches near the sm stage's best: rows near the base count there too
