@@ -35,3 +35,4 @@ VALID_CONSTRAINT = "valid"
 BEAT_KEY = "cnn_mellin:heartbeat"  # trial: the worker's last heartbeat
 READY_KEY = "cnn_mellin:ready"  # study: init finished writing
 UID_KEY = "cnn_mellin:uid"  # study: names its checkpoint folder
+STANDBY_KEY = "cnn_mellin:standby"  # study: the idle worker that stays for retries

@@ -173,7 +173,7 @@ class Reconciler:
 
     def __init__(self, study: optuna.Study, num_trials: int, settle_s: float, max_retries: int):
         self._study = study
-        self._num_trials = num_trials
+        self.num_trials = num_trials
         self._settle_s = settle_s
         self._max_retries = max_retries
         self._seen: dict[int, float] = {}
@@ -185,7 +185,7 @@ class Reconciler:
     def __call__(self) -> int:
         """One look; returns how many replacements were enqueued."""
         trials = self._study.get_trials(deepcopy=False)
-        deficit = self._num_trials - count(trials, self._num_trials).live
+        deficit = self.num_trials - count(trials, self.num_trials).live
         if deficit <= 0:
             self._seen.clear()
             return 0

@@ -196,6 +196,10 @@ class Monitor:
         with self._lock:
             self._own = None
 
+    def set_budget(self, num_trials: int) -> None:
+        """The study's budget was raised (``grow``): reconcile against the new one."""
+        self._reconcile.num_trials = num_trials
+
     def lost(self, trial_id: int) -> bool:
         with self._lock:
             return trial_id in self._lost

@@ -10,11 +10,13 @@ the worker carries on. Any other error fails the trial (a fresh trial replaces i
 SIGTERM / SIGINT fail the running trial as interrupted and enqueue its retry, which
 resumes from the trial's checkpoints; a task that stops on request (``asr``) first saves a
 checkpoint of the step it is at (within :data:`STOP_GRACE_S`). The loop ends when the
-budget is done.
+budget is done, or when nothing is left to claim and another idle worker stands by for
+retries (:mod:`cnn_mellin.optim.standby`): idle workers give their allocation back.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import gc
 import logging
 import math
@@ -58,6 +60,7 @@ from cnn_mellin.optim.attrs import WORKER as WORKER_ATTR
 from cnn_mellin.optim.cpus import allocated_cpus, use_threads
 from cnn_mellin.optim.defaults import DEFAULT_MAX_OUTAGE_S, SAMPLERS
 from cnn_mellin.optim.heartbeat import Monitor, WorkerIdentity
+from cnn_mellin.optim.standby import Standby
 from cnn_mellin.optim.storage import (
     DatabaseUnreachable,
     load_study,
@@ -210,6 +213,7 @@ class Worker:
             self.study, refresh_s=max(60.0, 6 * interval), seed=self.identity.pid
         )
         self.monitor.on_enqueue = self.claimer.invalidate
+        self.standby = Standby(self.study, self.identity, self.settings.heartbeat_grace)
         self.stop_signal: int | None = None  # set by a SIGTERM/SIGINT the task may finish
         self._polite = False  # inside the run of a task that stops on request
 
@@ -245,21 +249,33 @@ class Worker:
         summary = WorkerSummary()
         errors = 0
         idle_s = 0.0  # back-off while other workers finish the last trials
+        idle = False  # looked at the standby since the last claim
         self.monitor.start()
         try:
             while True:
                 claimed = self.claimer.claim()
                 if claimed is None:
-                    counts = budget.count(self.study.get_trials(deepcopy=False),
-                                          self.settings.num_trials)
-                    if counts.done >= self.settings.num_trials:
+                    num_trials = self._budget()
+                    counts = budget.count(self.study.get_trials(deepcopy=False), num_trials)
+                    if counts.done >= num_trials:
+                        break
+                    idle = True
+                    if not self.standby.stay():
+                        holder = self.standby.holder
+                        _log.info("nothing left to claim: leaving (%s stands by for retries "
+                                  "of the %d running trials)",
+                                  f"worker {holder.host}:{holder.pid}" if holder else "another",
+                                  counts.running)
                         break
                     if not idle_s:
-                        _log.info("no trial left to start; waiting for %d running elsewhere",
-                                  counts.running)
+                        _log.info("no trial left to start; standing by for retries of the %d "
+                                  "running elsewhere", counts.running)
                     idle_s = min(self.poll_s, max(0.05, 2 * idle_s))
                     time.sleep(idle_s)
                     continue
+                if idle:
+                    self.standby.leave()
+                    idle = False
                 idle_s = 0.0
                 outcome = self.run_trial(claimed)
                 summary.outcomes[outcome] += 1
@@ -275,7 +291,21 @@ class Worker:
                     raise WorkerStopped(self.stop_signal)
         finally:
             self.monitor.stop()
+            if idle:
+                try:
+                    self.standby.leave()
+                except Exception as err:  # exiting anyway; the next standby takes over
+                    _log.debug("leaving the standby: %s", err)
         return summary
+
+    def _budget(self) -> int:
+        """The study's budget now (``grow`` may have raised it since this worker started)."""
+        num_trials = int(self.study.user_attrs.get("num_trials", self.settings.num_trials))
+        if num_trials != self.settings.num_trials:
+            _log.info("the study's budget is now %d trials", num_trials)
+            self.settings = dataclasses.replace(self.settings, num_trials=num_trials)
+            self.monitor.set_budget(num_trials)
+        return num_trials
 
     # -- one trial ----------------------------------------------------------------------
 
