@@ -239,6 +239,8 @@ def run_init(args, config) -> int:
     )
     result = init_study(args.db_url, name, settings)
     where = display_url(args.db_url)
+    if result.created_database:
+        sys.stdout.write(f"created database {result.created_database} ({where})\n")
     if result.created:
         sys.stdout.write(
             f"created study {name} in {where}: {settings.num_trials} trials, searching "

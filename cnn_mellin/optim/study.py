@@ -36,7 +36,13 @@ from cnn_mellin.optim.defaults import (
     DEFAULT_NUM_TRIALS,
     PRUNERS,
 )
-from cnn_mellin.optim.storage import display_url, open_storage, parse_url, study_names
+from cnn_mellin.optim.storage import (
+    display_url,
+    ensure_database,
+    open_storage,
+    parse_url,
+    study_names,
+)
 from cnn_mellin.tasks import Task, get_task, make_task
 
 _log = logging.getLogger("cnn_mellin.optim")
@@ -128,6 +134,7 @@ class InitResult:
     study_name: str
     created: bool
     settings: StudySettings
+    created_database: str | None = None
 
 
 def default_study_name(
@@ -250,6 +257,7 @@ def init_study(
     """
     check_study_name(study_name)
     parse_url(db_url)
+    created_database = ensure_database(db_url)
     try:
         storage = open_storage(db_url, create=False)
         exists = study_name in study_names(storage)
@@ -274,7 +282,7 @@ def init_study(
                     + " (use another --study-name or the same arguments)"
                 )
             if ready:
-                return InitResult(study_name, False, stored)
+                return InitResult(study_name, False, stored, created_database)
         elif study.trials or ready:
             raise ConfigError(
                 f"study {study_name!r} in {display_url(db_url)} was not made by "
@@ -291,7 +299,7 @@ def init_study(
         except optuna.exceptions.DuplicatedStudyError:
             return init_study(db_url, study_name, settings, stall_s)  # a concurrent init won
     _write(study, settings)
-    return InitResult(study_name, not exists, settings)
+    return InitResult(study_name, not exists, settings, created_database)
 
 
 def _write(study: optuna.Study, settings: StudySettings) -> None:
