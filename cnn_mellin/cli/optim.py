@@ -47,6 +47,7 @@ def register(commands) -> None:
     parser.add_argument("db_url", metavar="DB_URL", help=_URL_HELP)
     actions = parser.add_subparsers(dest="action", metavar="ACTION", required=True)
     _register_init(actions)
+    _register_stage(actions)
     _register_run(actions)
     _register_important(actions)
     _register_best(actions)
@@ -85,6 +86,20 @@ def register(commands) -> None:
 
 
 def _register_init(actions) -> None:
+    init = actions.add_parser(
+        "init", help="create the study (validated; same arguments again: no-op)",
+        description="Validate the data and the search space, then create the study with its "
+        "base configuration (from the global --read-ini), searched parameters, budget and "
+        "limits. Parameters that cannot matter given the base configuration are dropped with "
+        "a warning. Re-running with the same arguments does nothing; with different ones it "
+        "is an error. A MySQL/PostgreSQL database that does not exist yet is created. Each "
+        "task adds options of its own (below).",
+    )
+    _add_init_arguments(init)
+    init.set_defaults(func=run_init, needs_device=False)
+
+
+def _add_init_arguments(init, whitelist: bool = True) -> None:
     from cnn_mellin.cli.task_options import add_task_arguments
     from cnn_mellin.optim.defaults import (
         DEFAULT_HEARTBEAT_S,
@@ -93,22 +108,15 @@ def _register_init(actions) -> None:
         PRUNERS,
     )
 
-    init = actions.add_parser(
-        "init", help="create the study (validated; same arguments again: no-op)",
-        description="Validate the data and the search space, then create the study with its "
-        "base configuration (from the global --read-ini), searched parameters, budget and "
-        "limits. Parameters that cannot matter given the base configuration are dropped with "
-        "a warning. Re-running with the same arguments does nothing; with different ones it "
-        "is an error. Each task adds options of its own (below).",
-    )
     init.add_argument("data_dir", metavar="DATA_DIR", nargs="?", default=None,
                       help="the task's data: for asr the training data (a folder with "
                       "feats.h5), the dev part split off it by --dev-proportion")
-    which = init.add_mutually_exclusive_group()
-    which.add_argument("--blacklist", nargs="+", default=[], metavar="RE",
-                       help="do not search parameters whose full name matches one of these")
-    which.add_argument("--whitelist", nargs="+", default=None, metavar="RE",
-                       help="search only parameters whose full name matches one of these")
+    if whitelist:
+        which = init.add_mutually_exclusive_group()
+        which.add_argument("--blacklist", nargs="+", default=[], metavar="RE",
+                           help="do not search parameters whose full name matches one of these")
+        which.add_argument("--whitelist", nargs="+", default=None, metavar="RE",
+                           help="search only parameters whose full name matches one of these")
     init.add_argument("--num-data-workers", type=_int, default=0, metavar="N",
                       help="data-loader processes per trial (default 0)")
     init.add_argument("--mem-limit-bytes", type=_int, default=None, metavar="N",
@@ -131,7 +139,36 @@ def _register_init(actions) -> None:
     init.add_argument("--max-retries", type=_int, default=DEFAULT_MAX_RETRIES, metavar="N",
                       help="retries of a trial whose worker died (default %(default)s)")
     add_task_arguments(init)
-    init.set_defaults(func=run_init, needs_device=False)
+
+
+def _register_stage(actions) -> None:
+    from cnn_mellin.optim.defaults import EVALUATORS
+
+    stage = actions.add_parser(
+        "stage", help="important -> best -> init: the next stage from FROM_STUDY, with lineage",
+        description="Start the next stage of a search from FROM_STUDY in one command: rank its "
+        "parameters ('important'), write the kept ones to CONF_DIR/NAME.params and its best "
+        "configuration to CONF_DIR/NAME.ini ('best'), then 'init' the study NAME (--study-name, "
+        "required) with --read-ini CONF_DIR/NAME.ini (then the global --read-ini files) and "
+        "--whitelist of the kept parameters. Same files and study as the three commands; the "
+        "new study records its lineage (parent, kept parameters with their importance, carried "
+        "values), which 'status' and 'report' show.",
+    )
+    stage.add_argument("from_study", metavar="FROM_STUDY", help="the earlier stage's study")
+    which = stage.add_mutually_exclusive_group(required=True)
+    which.add_argument("--top-k", type=_int, default=None, metavar="K",
+                       help="keep the K most important parameters")
+    which.add_argument("--threshold", type=float, default=None, metavar="X",
+                       help="keep those with normalised importance >= X")
+    stage.add_argument("--independent", action="store_true",
+                       help="carry each parameter's value with the lowest median error "
+                       "(best --independent) instead of the best trial's")
+    stage.add_argument("--evaluator", choices=EVALUATORS, default="fanova",
+                       help="importance evaluator (default fanova)")
+    stage.add_argument("--conf-dir", default="exp/conf", metavar="DIR",
+                       help="where NAME.params and NAME.ini go (default exp/conf)")
+    _add_init_arguments(stage, whitelist=False)
+    stage.set_defaults(func=run_stage, needs_device=False)
 
 
 def _register_run(actions) -> None:
@@ -219,25 +256,37 @@ def _open(args):
     return study, read_settings(study)
 
 
-def run_init(args, config) -> int:
+def _settings(args, config, name, whitelist, blacklist):
+    """``init``'s settings from its arguments (validated, nothing written)."""
     from cnn_mellin.cli.task_options import task_options
-    from cnn_mellin.optim.storage import display_url
-    from cnn_mellin.optim.study import build_settings, default_study_name, init_study
+    from cnn_mellin.optim.study import build_settings
 
-    _quiet_optuna(args)
-    name = args.study_name or default_study_name(args.data_dir, args.read_ini, args.task)
     _, options = task_options(args)
     options.pop("data_dir")
-    settings = build_settings(
+    return build_settings(
         config, args.data_dir, task=args.task, task_options=options,
-        whitelist=args.whitelist, blacklist=args.blacklist, num_trials=args.num_trials,
+        whitelist=whitelist, blacklist=blacklist, num_trials=args.num_trials,
         mem_limit_bytes=args.mem_limit_bytes, pruner=args.pruner,
         num_data_workers=args.num_data_workers,
         checkpoint_dir=args.checkpoint_dir or Path("exp/optim/checkpoints") / name,
         heartbeat_interval=args.heartbeat_interval, heartbeat_grace=args.heartbeat_grace,
         max_retries=args.max_retries,
     )
-    result = init_study(args.db_url, name, settings)
+
+
+def run_init(args, config) -> int:
+    from cnn_mellin.optim.study import default_study_name, init_study
+
+    _quiet_optuna(args)
+    name = args.study_name or default_study_name(args.data_dir, args.read_ini, args.task)
+    settings = _settings(args, config, name, args.whitelist, args.blacklist)
+    _report_init(args, name, settings, init_study(args.db_url, name, settings))
+    return 0
+
+
+def _report_init(args, name, settings, result) -> None:
+    from cnn_mellin.optim.storage import display_url
+
     where = display_url(args.db_url)
     if result.created_database:
         sys.stdout.write(f"created database {result.created_database} ({where})\n")
@@ -248,6 +297,24 @@ def run_init(args, config) -> int:
         )
     else:
         sys.stdout.write(f"study {name} in {where} already has these settings; nothing to do\n")
+
+
+def run_stage(args, config) -> int:
+    from cnn_mellin.cli.task_options import config_groups
+    from cnn_mellin.errors import ConfigError
+    from cnn_mellin.optim.stage import run_stage as stage
+
+    _quiet_optuna(args)
+    if args.study_name is None:
+        raise ConfigError("stage needs --study-name: the name of the new stage's study")
+    result = stage(
+        args.db_url, args.from_study, args.study_name, conf_dir=args.conf_dir,
+        build=lambda carried, kept: _settings(args, carried, args.study_name, kept, []),
+        read_ini=args.read_ini, groups=config_groups(args), top_k=args.top_k,
+        threshold=args.threshold, independent=args.independent, evaluator=args.evaluator,
+    )
+    sys.stdout.write(f"{result.params_path}\n{result.ini_path}\n")
+    _report_init(args, args.study_name, result.init.settings, result.init)
     return 0
 
 

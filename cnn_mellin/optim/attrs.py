@@ -27,6 +27,9 @@ FAIL_REASON = "fail_reason"
 FAIL_KIND = "fail_kind"  # "dead" | "interrupted" | "error" | "duplicate"
 DUPLICATE_OF = "duplicate_of"
 
+# -- study user attributes besides the init settings ---------------------------------------
+LINEAGE = "lineage"  # a stage made by 'optim stage': {"parent", "kept", "carried"}
+
 # -- constraint names given to samplers ---------------------------------------------------
 MEMORY_CONSTRAINT = "memory"
 VALID_CONSTRAINT = "valid"

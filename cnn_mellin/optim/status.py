@@ -12,7 +12,14 @@ import optuna
 from optuna.trial import TrialState
 
 from cnn_mellin.optim import budget
-from cnn_mellin.optim.attrs import FAIL_KIND, FAIL_REASON, PRUNE_KIND, PRUNE_REASON, RETRY_OF
+from cnn_mellin.optim.attrs import (
+    FAIL_KIND,
+    FAIL_REASON,
+    LINEAGE,
+    PRUNE_KIND,
+    PRUNE_REASON,
+    RETRY_OF,
+)
 from cnn_mellin.optim.attrs import WORKER as WORKER_ATTR
 from cnn_mellin.optim.study import StudySettings
 
@@ -66,6 +73,7 @@ def study_status(study: optuna.Study, settings: StudySettings) -> dict[str, Any]
         "failures": failures,
         "pruned": pruned,
         "prune_kinds": dict(sorted(Counter(p["kind"] or "unknown" for p in pruned).items())),
+        "lineage": study.user_attrs.get(LINEAGE),
     }
 
 
@@ -77,6 +85,9 @@ def format_status(status: dict[str, Any]) -> str:
         f"({c['complete']} complete, {c['pruned']} pruned), {c['running']} running, "
         f"{c['waiting']} waiting, {c['fail']} failed",
     ]
+    from cnn_mellin.optim.stage import lineage_lines
+
+    lines.extend(lineage_lines(status.get("lineage")))
     best = status["best"]
     if best is None:
         lines.append("best: none yet")

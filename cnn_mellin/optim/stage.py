@@ -1,0 +1,114 @@
+"""``optim stage``: the next stage of a search from an earlier one, in one command.
+
+It does what the recipe does in three: ``important`` (the kept parameters, written to
+``CONF_DIR/TO.params``), ``best`` (the carried configuration, ``CONF_DIR/TO.ini``), and
+``init`` of the new study with ``--read-ini TO.ini --whitelist $(cat TO.params)`` plus the
+given init options, so both forms give the same files and the same study. The new study
+also records where it came from, in its user attribute ``lineage``:
+``{"parent": FROM, "kept": {name: importance in FROM}, "carried": {name: value}}`` where
+``carried`` holds the values of the parent's searched parameters that the new stage no
+longer searches (``status`` and ``report`` show it).
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from cnn_mellin.config import Config, write_text_atomic
+from cnn_mellin.errors import ConfigError
+from cnn_mellin.optim.attrs import LINEAGE
+from cnn_mellin.optim.best import best_text
+from cnn_mellin.optim.importance import rank, select
+from cnn_mellin.optim.storage import load_study, open_storage
+from cnn_mellin.optim.study import (
+    InitResult,
+    StudySettings,
+    check_study_name,
+    init_study,
+    read_settings,
+)
+
+
+@dataclass(frozen=True)
+class StageResult:
+    """What ``stage`` wrote: the two files and the new study."""
+
+    params_path: Path
+    ini_path: Path
+    init: InitResult
+    lineage: dict[str, Any]
+
+
+def run_stage(
+    db_url: str, from_study: str, to_study: str, *, conf_dir: str | Path,
+    build: Callable[[Config, list[str]], StudySettings], read_ini: Sequence[str] = (),
+    groups=None, top_k: int | None = None, threshold: float | None = None,
+    independent: bool = False, evaluator: str = "fanova",
+) -> StageResult:
+    """Rank ``from_study``'s parameters, write its best configuration, init ``to_study``.
+
+    ``build(config, whitelist)`` validates the init arguments and returns the settings to
+    store (``init``'s own :func:`~cnn_mellin.optim.study.build_settings` with the other
+    options bound). ``read_ini`` files are read after the carried ``.ini``.
+    """
+    check_study_name(to_study)
+    if to_study == from_study:
+        raise ConfigError(f"the new stage needs its own --study-name, not {from_study!r}")
+    if top_k is None and threshold is None:
+        raise ConfigError("give --top-k K or --threshold X: which parameters to keep")
+    parent = load_study(open_storage(db_url), from_study, db_url)
+    settings = read_settings(parent)
+    ranked = rank(parent, settings, evaluator)
+    kept = select(ranked, top_k, threshold)
+    if not kept:
+        raise ConfigError(f"--threshold {threshold} keeps no parameter of {from_study}")
+    params_text = "".join(f"{name}\n" for name in kept)
+    ini_text = best_text(parent, settings, settings.build_task(), independent=independent)
+    conf_dir = Path(conf_dir)
+    params_path, ini_path = conf_dir / f"{to_study}.params", conf_dir / f"{to_study}.ini"
+    conf_dir.mkdir(parents=True, exist_ok=True)
+    # the .ini is read back as init would read it, and both files are put in place only
+    # once the new stage's settings are valid: a refused stage leaves nothing behind
+    pending = ini_path.with_name(f".{ini_path.name}.pending")
+    write_text_atomic(pending, ini_text)
+    try:
+        config = Config.from_ini([pending, *read_ini], groups=groups)
+        new = build(config, params_text.split())
+    except BaseException:
+        pending.unlink(missing_ok=True)
+        raise
+    write_text_atomic(params_path, params_text)
+    os.replace(pending, ini_path)
+    importance = dict(ranked)
+    lineage = {
+        "parent": from_study,
+        "kept": {name: importance[name] for name in kept},
+        "carried": {name: config[name] for name in settings.searched
+                    if name not in new.searched and name in config},
+    }
+    result = init_study(db_url, to_study, new)
+    study = load_study(open_storage(db_url), to_study, db_url)
+    if study.user_attrs.get(LINEAGE) != lineage:
+        study.set_user_attr(LINEAGE, lineage)
+    return StageResult(params_path, ini_path, result, lineage)
+
+
+def lineage_lines(lineage: Any) -> list[str]:
+    """``status`` lines for a study's ``lineage`` attribute (none without one)."""
+    if not isinstance(lineage, dict) or "parent" not in lineage:
+        return []
+    kept = lineage.get("kept") or {}
+    if isinstance(kept, dict):
+        shown = ", ".join(f"{n} ({v:.3g})" if isinstance(v, (int, float)) else n
+                          for n, v in kept.items())
+    else:
+        shown = ", ".join(str(k[0] if isinstance(k, (list, tuple)) else k) for k in kept)
+    carried = lineage.get("carried") or {}
+    lines = [f"stage of {lineage['parent']}: searching {shown or 'nothing kept'}"]
+    if isinstance(carried, dict) and carried:
+        lines.append("  carried: " + ", ".join(f"{n} = {v}" for n, v in carried.items()))
+    return lines

@@ -1,0 +1,93 @@
+"""``optim stage``: important -> best -> init in one command, the same as the three commands."""
+
+from __future__ import annotations
+
+import pytest
+
+from cnn_mellin.optim.study import read_settings
+from cnn_mellin.optim.worker import run_worker
+from tests.optim_helpers import FAKE_TASK, fake_study, load
+
+pytestmark = pytest.mark.db
+SEARCH = ["training.learning_rate", "data.batch_size", "model.window_size",
+          "training.optimizer"]
+
+
+@pytest.fixture(scope="module")
+def parent(tmp_path_factory):
+    tmp_path = tmp_path_factory.mktemp("stage")
+    url = str(tmp_path / "studies.journal")
+    fake_study(url, tmp_path, name="sm", num_trials=14, whitelist=SEARCH,
+               base={"model.window_stride": 1}, pruner="median")
+    assert run_worker(url, "sm", seed=3).exit_code == 0
+    return url, tmp_path
+
+
+def _init_options(tmp_path, name):
+    return ["--task", FAKE_TASK, "--num-trials", "5", "--pruner", "none",
+            "--checkpoint-dir", tmp_path / "ckpt" / "next"]
+
+
+def test_stage_reproduces_the_three_commands_and_records_its_lineage(cli, parent, tmp_path):
+    url, root = parent
+    three, one = tmp_path / "three", tmp_path / "one"
+    assert cli("optim", "--study-name", "sm", url, "important", "--top-k=2",
+               three / "md.params")[0] == 0
+    assert cli("optim", "--study-name", "sm", url, "best", "--independent",
+               three / "md.ini")[0] == 0
+    code, _, err = cli("--read-ini", three / "md.ini", "optim", "--study-name", "md-three", url,
+                       "init", root / "data", *_init_options(root, "md"), "--whitelist",
+                       *(three / "md.params").read_text().split())
+    assert code == 0, err
+    code, out, err = cli("optim", "--study-name", "md", url, "stage", "sm", root / "data", "--top-k",
+                         "2", "--independent", "--conf-dir", one, *_init_options(root, "md"))
+    assert code == 0, err
+    assert out.splitlines()[:2] == [str(one / "md.params"), str(one / "md.ini")]
+    assert out.splitlines()[2].startswith("created study md in ")
+    assert (one / "md.params").read_bytes() == (three / "md.params").read_bytes()
+    assert (one / "md.ini").read_bytes() == (three / "md.ini").read_bytes()
+    assert sorted(p.name for p in one.iterdir()) == ["md.ini", "md.params"]
+    staged, by_hand = load(url, "md"), load(url, "md-three")
+    assert read_settings(staged) == read_settings(by_hand)
+    assert [t.system_attrs for t in staged.trials] == [t.system_attrs for t in by_hand.trials]
+    assert "lineage" not in by_hand.user_attrs
+    lineage = staged.user_attrs["lineage"]
+    kept = (one / "md.params").read_text().split()
+    assert lineage["parent"] == "sm" and list(lineage["kept"]) == kept
+    assert all(0 < v <= 1 for v in lineage["kept"].values())
+    assert sorted(lineage["carried"]) == sorted(set(SEARCH) - set(kept))
+    ini = (one / "md.ini").read_text()
+    for name, value in lineage["carried"].items():
+        assert f"{name.split('.')[1]} = {value}".lower() in ini.lower()
+    code, out, _ = cli("optim", "--study-name", "md", url, "status")
+    assert code == 0
+    assert f"stage of sm: searching {kept[0]} (" in out and "  carried: " in out
+    # the same stage again is a no-op
+    code, out, err = cli("optim", "--study-name", "md", url, "stage", "sm", root / "data", "--top-k",
+                         "2", "--independent", "--conf-dir", one, *_init_options(root, "md"))
+    assert code == 0 and "nothing to do" in out, err
+
+
+@pytest.mark.parametrize("args, message", [
+    (["stage", "sm", "--top-k", "2"], "stage needs --study-name"),
+    (["--study-name", "x", "stage", "nope", "--top-k", "2"], "no study named 'nope'"),
+    (["--study-name", "sm", "stage", "sm", "--top-k", "2"], "needs its own --study-name"),
+    (["--study-name", "x", "stage", "sm", "--threshold", "1.5"], "--threshold must be in"),
+    (["--study-name", "x", "stage", "sm", "--threshold", "1.0"], "keeps no parameter"),
+    (["--study-name", "x", "stage", "sm", "--top-k", "0"], "--top-k must be at least 1"),
+    (["--study-name", "x", "stage", "sm", "--top-k", "2", "--num-trials", "0"],
+     "--num-trials must be at least 1"),
+    (["--study-name", "x", "stage", "sm"], "one of the arguments --top-k --threshold"),
+    (["--study-name", "x", "stage", "sm", "--top-k", "1", "--threshold", "0.1"],
+     "not allowed with argument"),
+])
+def test_bad_stage_arguments_are_one_line_errors_and_write_nothing(cli, parent, tmp_path, args,
+                                                                   message):
+    url, root = parent
+    at = args.index("stage")
+    full = ["optim", *args[:at], url, *args[at:at + 2], root / "data", *args[at + 2:],
+            "--conf-dir", tmp_path / "conf", "--task", FAKE_TASK]
+    code, out, err = cli(*full)
+    assert code == 2 and err.count("\n") == 1 and message in err, err
+    assert not (tmp_path / "conf").exists() or not list((tmp_path / "conf").iterdir())
+    assert "x" not in [s.study_name for s in load(url, "sm")._storage.get_all_studies()]
