@@ -48,6 +48,14 @@ def register(commands) -> None:
     actions = parser.add_subparsers(dest="action", metavar="ACTION", required=True)
     _register_init(actions)
     _register_stage(actions)
+    grow = actions.add_parser(
+        "grow", help="add N trials to the study's budget",
+        description="Raise the study's budget by N trials (e.g. 128 more after a first "
+        "round): N fresh trials are enqueued and the study's num_trials grows by N. Workers "
+        "still running take them; start new ones if all have left. Each call adds N again.",
+    )
+    grow.add_argument("more", type=_int, metavar="N", help="how many trials to add (>= 1)")
+    grow.set_defaults(func=run_grow, needs_device=False)
     _register_run(actions)
     _register_important(actions)
     _register_best(actions)
@@ -297,6 +305,18 @@ def _report_init(args, name, settings, result) -> None:
         )
     else:
         sys.stdout.write(f"study {name} in {where} already has these settings; nothing to do\n")
+
+
+def run_grow(args, config) -> int:
+    from cnn_mellin.errors import ConfigError
+    from cnn_mellin.optim.budget import grow
+
+    if args.more < 1:
+        raise ConfigError(f"grow needs N >= 1 more trials, got {args.more}")
+    study, _ = _open(args)
+    old, new = grow(study, args.more)
+    sys.stdout.write(f"study {study.study_name}: budget raised from {old} to {new} trials\n")
+    return 0
 
 
 def run_stage(args, config) -> int:

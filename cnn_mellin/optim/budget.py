@@ -101,6 +101,22 @@ def create_slots(
     return missing
 
 
+def grow(study: optuna.Study, more: int) -> tuple[int, int]:
+    """Raise the study's budget (user attribute ``num_trials``) by ``more`` trials and
+    enqueue them; returns (old, new) budget.
+
+    The attribute is raised first, so a worker never sees a slot beyond the budget it knows;
+    running workers follow the new budget when they next run out of trials.
+    """
+    old = int(study.user_attrs["num_trials"])
+    new = old + more
+    study.set_user_attr("num_trials", new)
+    live = count(study.get_trials(deepcopy=False), new).live
+    for _ in range(max(0, new - live)):
+        study.enqueue_trial({})
+    return old, new
+
+
 def root_number(trial: FrozenTrial) -> int:
     """The number of the first trial in a chain of retries (names its checkpoint folder)."""
     return int(trial.user_attrs.get(RETRY_OF, trial.number))

@@ -276,10 +276,12 @@ def init_study(
             stored = StudySettings.from_attrs(attrs) if ready else replace(settings, **partial)
             diffs = stored.differences(settings)
             if diffs:
+                grow = " or 'optim ... grow N' to add N trials to its budget" if any(
+                    d.startswith("num_trials ") for d in diffs) else ""
                 raise ConfigError(
                     f"study {study_name!r} in {display_url(db_url)} already exists with other "
                     "settings: " + "; ".join(diffs)
-                    + " (use another --study-name or the same arguments)"
+                    + f" (use another --study-name or the same arguments{grow})"
                 )
             if ready:
                 return InitResult(study_name, False, stored, created_database)
