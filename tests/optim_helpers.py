@@ -95,7 +95,7 @@ def fake_study(
         Config({**FAKE_BASE, **(base or {})}), data, task=FAKE_TASK,
         whitelist=FAKE_SEARCH if whitelist is None else whitelist, num_trials=num_trials,
         mem_limit_bytes=mem_limit_bytes, pruner=pruner,
-        checkpoint_dir=tmp_path / "ckpt" / name, heartbeat_interval=1.0, **options,
+        checkpoint_dir=tmp_path / "ckpt" / name, **{"heartbeat_interval": 1.0, **options},
     )
     init_study(url, name, settings)
     return settings

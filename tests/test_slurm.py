@@ -1,0 +1,118 @@
+"""Worker pools on a real single-node SLURM (scripts/slurm_local.sh) against PostgreSQL:
+job arrays, scancel and time limits mid-trial, idle tasks leaving the queue early."""
+
+from __future__ import annotations
+
+import subprocess
+import time
+
+import pytest
+from optuna.trial import TrialState
+
+from tests.optim_helpers import fake_study, load, start_worker, states, wait_all
+from tests.slurm_helpers import job_records, queued, sbatch, slurm_env, wait_gone
+
+pytest_plugins = ("tests.optim_fixtures",)  # the database fixtures
+pytestmark = [pytest.mark.db, pytest.mark.slurm, pytest.mark.slow]
+SEARCH = ["training.learning_rate"]
+
+
+def _run_args(url, study):
+    return ["--device", "cpu", "optim", "--study-name", study, url, "run"]
+
+
+def _wait(condition, timeout, what):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = condition()
+        if value:
+            return value
+        time.sleep(0.1)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+def test_array_of_three_ends_with_exactly_the_budget_and_idle_tasks_leave_early(
+    pg_db, tmp_path
+):
+    environ = slurm_env(FAKE_EPOCH_S="0.5")
+    url = pg_db[0]
+    fake_study(url, tmp_path, name="pool", num_trials=7, whitelist=SEARCH)
+    job = sbatch(environ, tmp_path / "logs", "--array=1-3", *_run_args(url, "pool"))
+    last_seen = wait_gone(environ, job, timeout=240)
+    logs = {p.name: p.read_text() for p in (tmp_path / "logs").iterdir()}
+    study = load(url, "pool")
+    assert states(study) == {"COMPLETE": 7}, logs
+    records = _wait(lambda: (r := job_records(environ, job)) and len(r) == 3 and r, 30,
+                    "the job completion records")
+    assert {r["JobState"] for r in records.values()} == {"COMPLETED"}, logs
+    for text in logs.values():  # threads from the allocation (--cpus-per-task=1), not the node
+        assert "worker on cpu with 1 CPU threads" in text
+    last_end = max(t.datetime_complete.timestamp() for t in study.trials)
+    assert min(last_seen.values()) < last_end - 0.2, (last_seen, last_end, logs)
+    assert any("nothing left to claim: leaving" in text for text in logs.values()), logs
+
+
+def test_scancel_of_one_task_mid_trial_hands_its_trial_back_at_once_to_resume_there(
+    pg_db, tmp_path
+):
+    environ = slurm_env(FAKE_EPOCH_S="3", FAKE_STEPS="20")
+    url = pg_db[0]
+    # a 30-s heartbeat grace: a retry within seconds was handed back, not reaped as dead
+    fake_study(url, tmp_path, name="cancel", num_trials=3, whitelist=SEARCH,
+               base={"training.num_epochs": 2}, heartbeat_interval=10.0)
+    job = sbatch(environ, tmp_path / "logs", "--array=1-2", *_run_args(url, "cancel"))
+    ckpt = tmp_path / "ckpt" / "cancel"
+    _wait(lambda: len(list(ckpt.glob("*/trial-*/step"))) >= 2, 120, "two trials stepping")
+    cancelled = time.monotonic()
+    subprocess.run(["scancel", f"{job}_1"], env=environ, check=True, timeout=30)
+
+    def handed_back():
+        trials = load(url, "cancel").trials
+        failed = [t for t in trials if t.state == TrialState.FAIL]
+        retries = [t for t in trials if failed and t.user_attrs.get("retry_of") ==
+                   failed[0].number]
+        return (failed[0], retries[0]) if retries else None
+
+    failed, _ = _wait(handed_back, 20, "the cancelled task's trial to be handed back")
+    assert time.monotonic() - cancelled < 8
+    assert failed.user_attrs["fail_kind"] == "interrupted"
+    stopped = failed.user_attrs["stopped_at_step"]
+    assert 0 < stopped < 40
+    wait_gone(environ, job, timeout=240)
+    study = load(url, "cancel")
+    logs = {p.name: p.read_text() for p in (tmp_path / "logs").iterdir()}
+    assert states(study) == {"COMPLETE": 3, "FAIL": 1}, logs
+    [retry] = [t for t in study.trials if t.user_attrs.get("retry_of") == failed.number]
+    assert retry.state == TrialState.COMPLETE
+    assert retry.user_attrs["resumed_from_step"] == stopped
+    records = _wait(lambda: (r := job_records(environ, job)) and len(r) == 2 and r, 30,
+                    "the job completion records")
+    assert records[f"{job}_1"]["JobState"] == "CANCELLED"
+    assert records[f"{job}_2"]["JobState"] == "COMPLETED"
+
+
+def test_time_limit_signal_hands_the_trial_back_before_the_limit(pg_db, tmp_path):
+    environ = slurm_env(FAKE_EPOCH_S="60", FAKE_STEPS="300")
+    url = pg_db[0]
+    fake_study(url, tmp_path, name="limit", num_trials=1, whitelist=SEARCH,
+               base={"training.num_epochs": 2}, heartbeat_interval=10.0)
+    # SIGTERM 30 s before a 1-minute limit (SLURM sends it up to a minute early)
+    job = sbatch(environ, tmp_path / "logs", "--time=1", "--signal=B:TERM@30",
+                 *_run_args(url, "limit"))
+    _wait(lambda: queued(environ, job) and list((tmp_path / "ckpt").glob("*/*/*/step")), 60,
+          "the trial to step")
+    wait_gone(environ, job, timeout=120)
+    [record] = _wait(lambda: list(job_records(environ, job).values()), 30, "the job record")
+    log = "".join(p.read_text() for p in (tmp_path / "logs").iterdir())
+    assert record["JobState"] == "FAILED" and record["ExitCode"] == "143:0", (record, log)
+    study = load(url, "limit")
+    [failed] = study.get_trials(states=(TrialState.FAIL,))
+    assert failed.user_attrs["fail_kind"] == "interrupted", log
+    stopped = failed.user_attrs["stopped_at_step"]
+    assert 0 < stopped < 300
+    [(code, err)] = wait_all([start_worker(url, "limit", FAKE_EPOCH_S="0.5",
+                                           FAKE_STEPS="300")])
+    assert code == 0, err
+    [retry] = load(url, "limit").get_trials(states=(TrialState.COMPLETE,))
+    assert retry.user_attrs["resumed_from_step"] == stopped
+
