@@ -4,7 +4,8 @@
 #   - with --databases: PostgreSQL and MariaDB running on 127.0.0.1 (installed from Debian
 #     packages when missing) for the live database tests,
 #   - with --test-deps: those databases plus Debian's chromium and chromium-driver, which the
-#     browser tests (report page, optuna-dashboard) and the report's PNG export drive,
+#     browser tests (report page, optuna-dashboard) and the report's PNG export drive, and a
+#     single-node SLURM cluster for the cluster tests (scripts/slurm_local.sh start),
 #   - a virtual environment in .venv with cnn-mellin installed (editable) and its dev tools.
 # Safe to run again: each step is skipped when already done.
 set -euo pipefail
@@ -12,10 +13,11 @@ cd "$(dirname "$0")/.."
 
 want_databases=0
 want_browser=0
+want_slurm=0
 for arg in "$@"; do
   case "$arg" in
     --databases) want_databases=1 ;;
-    --test-deps) want_databases=1; want_browser=1 ;;
+    --test-deps) want_databases=1; want_browser=1; want_slurm=1 ;;
     *) echo "usage: scripts/setup.sh [--databases] [--test-deps]" >&2; exit 2 ;;
   esac
 done
@@ -73,6 +75,11 @@ if [ "$want_databases" -eq 1 ]; then
   if [ "$fresh_mariadb" -eq 1 ]; then
     as_root mariadb -u root -e "ALTER USER 'root'@'localhost' IDENTIFIED VIA mysql_native_password USING PASSWORD(''); CREATE USER IF NOT EXISTS 'root'@'127.0.0.1' IDENTIFIED BY ''; GRANT ALL ON *.* TO 'root'@'127.0.0.1' WITH GRANT OPTION; FLUSH PRIVILEGES;"
   fi
+fi
+
+if [ "$want_slurm" -eq 1 ]; then
+  # the cluster tests skip (saying so) when it cannot start, e.g. without root
+  bash scripts/slurm_local.sh start || echo "setup: no local SLURM; its tests will skip" >&2
 fi
 
 if [ ! -x .venv/bin/python ]; then
