@@ -40,6 +40,7 @@ setup(
         "tqdm",
         "scikit-learn",
         "soundfile",
+        "safetensors",  # the attack's reconstructions: a safe, framework-neutral tensor file
     ],
     # selenium drives Debian's chromium/chromedriver in the browser tests; optuna-dashboard is
     # tested on our studies

@@ -100,10 +100,10 @@ def test_help_names_every_command(cli):
         assert command in out
 
 
-def test_attack_says_it_is_not_available(cli, tmp_path):
+def test_attack_needs_its_output_folder(cli, tmp_path):
     code, _, err = cli("attack", tmp_path, tmp_path)
-    assert code == 3
-    assert "not available" in err
+    assert code == 2
+    assert "the following arguments are required: --out" in err
 
 
 @pytest.mark.slow
