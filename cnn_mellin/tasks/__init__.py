@@ -24,9 +24,10 @@ from cnn_mellin.tasks.base import (
 
 TASKS = {
     "asr": "cnn_mellin.tasks.asr:AsrTask",
+    "attack": "cnn_mellin.tasks.attack:AttackTask",
     "command": "cnn_mellin.tasks.command:CommandTask",
 }
-PLANNED = ("attack",)
+PLANNED: tuple[str, ...] = ()
 
 
 def task_names() -> list[str]:
