@@ -5,12 +5,14 @@
 #   scripts/hyperparam.sh 2.1   init  model-<m>-sm-<f>: all model.* but convolutional_mellin,
 #                                     6 GiB limit, 128 trials, no pruning
 #   scripts/hyperparam.sh 2.2   run   workers on model-<m>-sm-<f> (random), unless done
-#   scripts/hyperparam.sh 2.3   top-5 important + best --independent -> init model-<m>-lg-<f>
+#   scripts/hyperparam.sh 2.3   optim stage: top-5 important + best --independent -> init
+#                                     model-<m>-lg-<f> (lineage recorded)
 #   scripts/hyperparam.sh 2.4   run   workers on model-<m>-lg-<f> (tpe)
 #   scripts/hyperparam.sh 2.5   best of model-<m>-sm-<f>, masks capped only by proportion ->
 #                                     init train-<m>-sm-<f> (training.* search)
 #   scripts/hyperparam.sh 2.6   run   workers on train-<m>-sm-<f> (random)
-#   scripts/hyperparam.sh 2.7   top-10 important + best --independent -> init train-<m>-md-<f>
+#   scripts/hyperparam.sh 2.7   optim stage: top-10 important + best --independent -> init
+#                                     train-<m>-md-<f>
 #   scripts/hyperparam.sh 2.8   run   workers on train-<m>-md-<f> (random)
 #   scripts/hyperparam.sh status      status of every study
 #
@@ -31,6 +33,10 @@
 #   DATA            feature root (data/timit)    CONF  where .ini/.params go (exp/conf)
 #   EXTRA_INI       more .ini files read after conf/optim/model-<m>-sm.ini in stage 2.1
 #                   (space-separated; e.g. fewer epochs for a trial run of the recipe)
+#   INIT_OPTIONS    more init options for every stage, after the recipe's (later wins; e.g.
+#                   "--num-trials 4 --num-data-workers 0" for a trial run)
+# Stages 2.3 and 2.7 write CONF/<study>.params and CONF/<study>.ini exactly as the recipe's
+# important / best / init calls do (optim stage is those three in one command).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -53,6 +59,7 @@ data=${DATA:-data/timit}
 conf=${CONF:-exp/conf}
 extra_ini=()
 for ini in ${EXTRA_INI:-}; do extra_ini+=(--read-ini "$ini"); done
+read -r -a init_options <<< "${INIT_OPTIONS:-}"
 
 if [ "${optim_command[0]}" = sbatch ] && [ "$workers" -gt 1 ]; then
   optim_command=("${optim_command[0]}" "--array=1-$workers" "${optim_command[@]:1}")
@@ -80,14 +87,12 @@ run_workers() {  # run_workers STUDY SAMPLER [TRIALS]
   "${optim_command[@]}" optim --study-name "$study" "$db_url" run --sampler "$sampler"
 }
 
-carry() {  # carry FROM TO TOP_K MEM: important + best --independent of FROM -> init TO
+carry() {  # carry FROM TO TOP_K MEM FEATURE: important + best --independent of FROM -> init TO
   local from=$1 to=$2 top_k=$3 mem=$4 feature=$5
-  optim "$from" important --top-k="$top_k" "$conf/$to.params"
-  optim "$from" best --independent "$conf/$to.ini"
-  # shellcheck disable=SC2046  # one whitelist regex per line of the .params file
-  "${cnn_mellin[@]}" --read-ini "$conf/$to.ini" --device "$device" \
-    optim --study-name "$to" "$db_url" init "$data/$feature/train" \
-      --whitelist $(cat "$conf/$to.params") --num-data-workers 4 --mem-limit-bytes "$mem"
+  "${cnn_mellin[@]}" --device "$device" \
+    optim --study-name "$to" "$db_url" stage "$from" "$data/$feature/train" \
+      --top-k "$top_k" --independent --conf-dir "$conf" --num-data-workers 4 \
+      --mem-limit-bytes "$mem" ${init_options[@]+"${init_options[@]}"}
 }
 
 stage=${1:-}
@@ -110,7 +115,7 @@ for model_type in "${model_types[@]}"; do
           optim --study-name "$model_sm" "$db_url" init "$data/$feature_type/train" \
             --blacklist 'training.*' 'data.*' 'model.convolutional_mellin' \
             --num-data-workers 4 --mem-limit-bytes "$mem_sm" --num-trials "$num_trials_sm" \
-            --pruner none ;;
+            --pruner none ${init_options[@]+"${init_options[@]}"} ;;
       2.2) run_workers "$model_sm" random "$num_trials_sm" ;;
       2.3) carry "$model_sm" "$model_lg" "$top_k_lg" "$mem_lg" "$feature_type" ;;
       2.4) run_workers "$model_lg" tpe ;;
@@ -121,7 +126,8 @@ for model_type in "${model_types[@]}"; do
           optim --study-name "$train_sm" "$db_url" init "$data/$feature_type/train" \
             --blacklist 'model.*' 'training.max_.*_mask' 'training.num_epochs' \
               'training.early_.*' \
-            --num-data-workers 4 --mem-limit-bytes "$mem_sm" ;;
+            --num-data-workers 4 --mem-limit-bytes "$mem_sm" \
+            ${init_options[@]+"${init_options[@]}"} ;;
       2.6) run_workers "$train_sm" random ;;
       2.7) carry "$train_sm" "$train_md" "$top_k_md" "$mem_md" "$feature_type" ;;
       2.8) run_workers "$train_md" random ;;
