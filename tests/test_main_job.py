@@ -61,7 +61,7 @@ def test_staged_search_end_to_end(tmp_path):
     assert searched and set(searched) <= set(top)
     assert study.trials[0].params == {name: carried[name] for name in searched}
     report = tmp_path / "exp" / "report" / lg
-    assert (report / "trials.csv").exists() and (report / "history.html").exists()
+    assert (report / "trials.csv").exists() and (report / "index.html").exists()
 
     before = {name: status(name) for name in (sm, lg)}
     again = subprocess.run(["bash", "scripts/staged_search.sh"], cwd=ROOT, env=env,
