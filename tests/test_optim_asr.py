@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import signal
 import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -229,3 +230,19 @@ def test_sigterm_checkpoints_the_step_and_the_retry_ends_as_an_uninterrupted_run
     b = load_checkpoint_file(last)["model"]
     assert all(torch.allclose(a[k], b[k], rtol=0, atol=1e-6) for k in a)
     assert done.value == pytest.approx(straight.best_dev_error)
+
+
+@pytest.mark.parametrize("keep", [False, True])
+def test_finished_trial_keeps_its_model_and_drops_its_resume_state(tmp_path, cli, keep):
+    url = str(tmp_path / "s.journal")
+    _asr_study(url, tmp_path, num_trials=1)
+    code, _, err = cli("--device", "cpu", "optim", url, "run",
+                       *(["--keep-checkpoints"] if keep else []))
+    assert code == 0, err
+    [trial] = load(url, "asr").get_trials()
+    folder = Path(trial.user_attrs["model_path"]).parent
+    assert (folder / "model.pt").is_file() and (folder / "metrics.jsonl").is_file()
+    assert (folder / "last.pt").exists() == keep
+    code, out, _ = cli("optim", url, "status")
+    used = sum(p.stat().st_size for p in folder.parent.rglob("*") if p.is_file())
+    assert code == 0 and f"checkpoints: {used / 1000:.1f} kB in {folder.parent}\n" in out, out

@@ -39,8 +39,9 @@ def test_stage_reproduces_the_three_commands_and_records_its_lineage(cli, parent
                        "init", root / "data", *_init_options(root, "md"), "--whitelist",
                        *(three / "md.params").read_text().split())
     assert code == 0, err
-    code, out, err = cli("optim", "--study-name", "md", url, "stage", "sm", root / "data", "--top-k",
-                         "2", "--independent", "--conf-dir", one, *_init_options(root, "md"))
+    code, out, err = cli("optim", "--study-name", "md", url, "stage", "sm", root / "data",
+                         "--top-k", "2", "--independent", "--conf-dir", one,
+                         *_init_options(root, "md"))
     assert code == 0, err
     assert out.splitlines()[:2] == [str(one / "md.params"), str(one / "md.ini")]
     assert out.splitlines()[2].startswith("created study md in ")
@@ -63,8 +64,9 @@ def test_stage_reproduces_the_three_commands_and_records_its_lineage(cli, parent
     assert code == 0
     assert f"stage of sm: searching {kept[0]} (" in out and "  carried: " in out
     # the same stage again is a no-op
-    code, out, err = cli("optim", "--study-name", "md", url, "stage", "sm", root / "data", "--top-k",
-                         "2", "--independent", "--conf-dir", one, *_init_options(root, "md"))
+    code, out, err = cli("optim", "--study-name", "md", url, "stage", "sm", root / "data",
+                         "--top-k", "2", "--independent", "--conf-dir", one,
+                         *_init_options(root, "md"))
     assert code == 0 and "nothing to do" in out, err
 
 

@@ -6,6 +6,7 @@ import os
 import signal
 import socket
 import time
+from pathlib import Path
 
 import optuna
 import pytest
@@ -470,3 +471,29 @@ def test_sigterm_hands_back_at_the_step_and_the_retry_resumes_there(tmp_path):
     assert code == 0, err
     [retry] = load(url, "steps").get_trials(states=(TrialState.COMPLETE,))
     assert retry.user_attrs["resumed_from_step"] == stopped
+
+
+def test_run_overrides_the_data_and_checkpoint_folders(cli, tmp_path):
+    url = _journal(tmp_path)
+    fake_study(url, tmp_path, name="moved", num_trials=1, whitelist=["training.learning_rate"])
+    (tmp_path / "data").rename(tmp_path / "elsewhere")
+    code, _, err = cli("--device", "cpu", "optim", url, "run", "--data-dir",
+                       tmp_path / "elsewhere", "--checkpoint-dir", tmp_path / "here")
+    assert code == 0, err
+    assert states(load(url, "moved")) == {"COMPLETE": 1}
+    assert list((tmp_path / "here").glob("*/trial-0/epoch"))
+    assert not (tmp_path / "ckpt" / "moved").exists()
+
+
+def test_data_dir_override_for_a_task_without_data_is_an_error(tmp_path):
+    import dataclasses
+
+    from cnn_mellin.errors import ConfigError
+    from cnn_mellin.optim.worker import overridden
+
+    settings = fake_study(_journal(tmp_path), tmp_path, name="x", num_trials=1,
+                          whitelist=["training.learning_rate"])
+    bare = dataclasses.replace(settings, task_info={"num_coeffs": 41})
+    with pytest.raises(ConfigError, match="--data-dir: the .* task of this study reads no"):
+        overridden(bare, "somewhere", None)
+    assert overridden(settings, None, "c").checkpoint_dir == str(Path("c").resolve())

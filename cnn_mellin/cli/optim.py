@@ -200,6 +200,16 @@ def _register_run(actions) -> None:
                      help="how long a worker keeps retrying when it loses the database "
                      "(a server restart) before it stops with an error; its trial is then "
                      f"retried by another worker (default {DEFAULT_MAX_OUTAGE_S:g})")
+    run.add_argument("--keep-checkpoints", action="store_true",
+                     help="keep every trial's resume files (default: a trial that ended "
+                     "COMPLETE or PRUNED keeps only what its results point to, e.g. asr's "
+                     "model.pt)")
+    run.add_argument("--data-dir", default=None, metavar="DIR",
+                     help="the study's data folder as this machine sees it (joining from "
+                     "another cluster; the data must be the same: it is checked)")
+    run.add_argument("--checkpoint-dir", default=None, metavar="DIR",
+                     help="where this worker keeps trial checkpoints instead of the folder "
+                     "recorded at init (joining from another cluster)")
     run.set_defaults(func=run_run, needs_device=True)
 
 
@@ -351,15 +361,17 @@ def run_run(args, config) -> int:
 def _run(args) -> int:
     from cnn_mellin.optim.worker import run_worker, run_workers
 
+    folders = {"keep_checkpoints": args.keep_checkpoints, "data_dir": args.data_dir,
+               "checkpoint_dir": args.checkpoint_dir}
     if args.workers > 1:
         return run_workers(
             args.workers, args.db_url, args.study_name, device=args.device,
             sampler=args.sampler, seed=args.seed, max_trials=args.max_trials,
-            max_outage_s=args.max_outage, verbose=args.verbose,
+            max_outage_s=args.max_outage, verbose=args.verbose, **folders,
         )
     summary = run_worker(
         args.db_url, args.study_name, device=args.device, sampler=args.sampler,
-        seed=args.seed, max_trials=args.max_trials, max_outage_s=args.max_outage,
+        seed=args.seed, max_trials=args.max_trials, max_outage_s=args.max_outage, **folders,
     )
     return summary.exit_code
 

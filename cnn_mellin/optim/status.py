@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import json
 import math
+import os
 from collections import Counter
 from datetime import datetime
+from pathlib import Path
 from typing import Any
 
 import optuna
@@ -21,7 +23,7 @@ from cnn_mellin.optim.attrs import (
     RETRY_OF,
 )
 from cnn_mellin.optim.attrs import WORKER as WORKER_ATTR
-from cnn_mellin.optim.study import StudySettings
+from cnn_mellin.optim.study import StudySettings, checkpoint_root
 
 
 def study_status(study: optuna.Study, settings: StudySettings) -> dict[str, Any]:
@@ -74,7 +76,30 @@ def study_status(study: optuna.Study, settings: StudySettings) -> dict[str, Any]
         "pruned": pruned,
         "prune_kinds": dict(sorted(Counter(p["kind"] or "unknown" for p in pruned).items())),
         "lineage": study.user_attrs.get(LINEAGE),
+        "checkpoints": checkpoint_usage(checkpoint_root(study, settings)),
     }
+
+
+def checkpoint_usage(root: Path) -> dict[str, Any]:
+    """The study's checkpoint folder and the bytes its files take (None: not on this machine)."""
+    if not root.is_dir():
+        return {"path": str(root), "bytes": None}
+    total = 0
+    for folder, _, files in os.walk(root):
+        for name in files:
+            try:
+                total += os.lstat(os.path.join(folder, name)).st_size
+            except OSError:
+                pass  # deleted meanwhile
+    return {"path": str(root), "bytes": total}
+
+
+def _size(n: int) -> str:
+    for unit in ("bytes", "kB", "MB", "GB"):
+        if n < 1000 or unit == "GB":
+            return f"{n} bytes" if unit == "bytes" else f"{n:.1f} {unit}"
+        n /= 1000
+    return f"{n:.1f} TB"
 
 
 def format_status(status: dict[str, Any]) -> str:
@@ -88,6 +113,10 @@ def format_status(status: dict[str, Any]) -> str:
     from cnn_mellin.optim.stage import lineage_lines
 
     lines.extend(lineage_lines(status.get("lineage")))
+    disk = status.get("checkpoints")
+    if disk:
+        used = "not on this machine" if disk["bytes"] is None else _size(disk["bytes"])
+        lines.append(f"checkpoints: {used} in {disk['path']}")
     best = status["best"]
     if best is None:
         lines.append("best: none yet")

@@ -30,6 +30,7 @@ import traceback
 import warnings
 from collections import Counter
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import optuna
 from optuna.exceptions import UpdateFinishedTrialError
@@ -175,7 +176,8 @@ class Worker:
     def __init__(
         self, db_url: str, study_name: str | None, *, device: str = "cpu",
         sampler: str = "random", seed: int | None = None, max_trials: int | None = None,
-        max_outage_s: float = DEFAULT_MAX_OUTAGE_S,
+        max_outage_s: float = DEFAULT_MAX_OUTAGE_S, keep_checkpoints: bool = False,
+        data_dir: str | None = None, checkpoint_dir: str | None = None,
     ):
         if sampler not in SAMPLERS:
             raise ConfigError(f"unknown sampler {sampler!r}; allowed: {', '.join(SAMPLERS)}")
@@ -190,11 +192,13 @@ class Worker:
                 raise ConfigError(f"--device {device}: no CUDA device is usable here")
         self.storage = open_storage(db_url, max_outage_s=max_outage_s)
         self.study = load_study(self.storage, study_name, db_url)
-        self.settings = read_settings(self.study)
+        self.settings = overridden(read_settings(self.study), data_dir, checkpoint_dir)
         self.task = self.settings.build_task()
         self.task.verify()
         self.study.pruner = make_pruner(self.settings, self.task)
         self.device = device
+        self.keep_checkpoints = keep_checkpoints
+        self._trial_dir: Path | None = None
         self.sampler_name = sampler
         self.seed = seed
         self.max_trials = max_trials
@@ -316,10 +320,21 @@ class Worker:
             trial_id, WORKER_ATTR, self.identity.to_attr()
         )
         self.monitor.own(trial_id)
+        self._trial_dir = None
         try:
-            return self._run_owned(claimed)
+            outcome = self._run_owned(claimed)
         finally:
             self.monitor.release()
+        if outcome in ("complete", "pruned") and self._trial_dir and not self.keep_checkpoints:
+            try:
+                freed = self.task.discard(self._trial_dir)
+            except OSError as err:  # a full or read-only disk must not stop the worker
+                _log.warning("trial %d: cannot delete its resume files: %s", claimed.number, err)
+            else:
+                if freed:
+                    _log.info("trial %d: deleted %d bytes of resume files", claimed.number,
+                              freed)
+        return outcome
 
     def _run_owned(self, claimed: FrozenTrial) -> str:
         storage = internals.storage(self.study)
@@ -339,6 +354,7 @@ class Worker:
         checkpoint_dir = (
             checkpoint_root(self.study, self.settings) / f"trial-{budget.root_number(claimed)}"
         )
+        self._trial_dir = checkpoint_dir
         try:
             result = self._attempt(trial, claimed, facts, reported, checkpoint_dir)
         except _Prune as prune:
@@ -547,10 +563,28 @@ class Worker:
         self.claimer.invalidate()
 
 
+def overridden(
+    settings: StudySettings, data_dir: str | None, checkpoint_dir: str | None
+) -> StudySettings:
+    """``settings`` with the data and checkpoint folders a worker elsewhere sees them under
+    (``run --data-dir/--checkpoint-dir``: joining from another cluster)."""
+    if checkpoint_dir is not None:
+        settings = dataclasses.replace(settings, checkpoint_dir=os.path.abspath(checkpoint_dir))
+    if data_dir is not None:
+        if "data_dir" not in settings.task_info:
+            raise ConfigError(f"--data-dir: the {settings.task} task of this study reads no "
+                              "data folder")
+        settings = dataclasses.replace(
+            settings, task_info={**settings.task_info, "data_dir": os.path.abspath(data_dir)}
+        )
+    return settings
+
+
 def run_worker(
     db_url: str, study_name: str | None, *, device: str = "cpu", sampler: str = "random",
     seed: int | None = None, max_trials: int | None = None,
-    max_outage_s: float = DEFAULT_MAX_OUTAGE_S,
+    max_outage_s: float = DEFAULT_MAX_OUTAGE_S, keep_checkpoints: bool = False,
+    data_dir: str | None = None, checkpoint_dir: str | None = None,
 ) -> WorkerSummary:
     """Run one worker in this process; SIGTERM/SIGINT stop it after re-enqueueing its trial.
 
@@ -561,7 +595,8 @@ def run_worker(
     _log.info("worker on %s with %s CPU threads", device, os.environ["OMP_NUM_THREADS"])
     worker = Worker(
         db_url, study_name, device=device, sampler=sampler, seed=seed, max_trials=max_trials,
-        max_outage_s=max_outage_s,
+        max_outage_s=max_outage_s, keep_checkpoints=keep_checkpoints, data_dir=data_dir,
+        checkpoint_dir=checkpoint_dir,
     )
     in_main = threading.current_thread() is threading.main_thread()
     previous = {}
@@ -585,7 +620,7 @@ def run_worker(
 
 
 def _child(db_url, study_name, device, sampler, seed, max_trials, max_outage_s, verbose,
-           threads) -> None:
+           threads, folders) -> None:
     use_threads(threads)
     logging.basicConfig(
         level=logging.DEBUG if verbose else logging.INFO,
@@ -595,7 +630,7 @@ def _child(db_url, study_name, device, sampler, seed, max_trials, max_outage_s, 
     try:
         summary = run_worker(
             db_url, study_name, device=device, sampler=sampler, seed=seed,
-            max_trials=max_trials, max_outage_s=max_outage_s,
+            max_trials=max_trials, max_outage_s=max_outage_s, **folders,
         )
     except UserError as err:
         logging.getLogger("cnn_mellin.optim").error("%s", err)
@@ -621,12 +656,17 @@ def run_workers(
     workers: int, db_url: str, study_name: str | None, *, device: str = "cpu",
     sampler: str = "random", seed: int | None = None, max_trials: int | None = None,
     max_outage_s: float = DEFAULT_MAX_OUTAGE_S, verbose: bool = False,
+    keep_checkpoints: bool = False, data_dir: str | None = None,
+    checkpoint_dir: str | None = None,
 ) -> int:
     """Run ``workers`` worker processes here; returns the worst exit code."""
     if workers < 1:
         raise ConfigError(f"--workers must be at least 1, got {workers}")
-    # fail fast, in this process, on a bad URL or study
-    read_settings(load_study(open_storage(db_url), study_name, db_url))
+    # fail fast, in this process, on a bad URL, study or folder override
+    overridden(read_settings(load_study(open_storage(db_url), study_name, db_url)), data_dir,
+               checkpoint_dir)
+    folders = {"keep_checkpoints": keep_checkpoints, "data_dir": data_dir,
+               "checkpoint_dir": checkpoint_dir}
     context = multiprocessing.get_context("spawn")
     # workers share the job's CPUs instead of each taking all of the node's cores
     threads = max(1, allocated_cpus() // workers)
@@ -634,7 +674,7 @@ def run_workers(
         context.Process(
             target=_child, name=f"worker-{i}",
             args=(db_url, study_name, dev, sampler, seed, max_trials, max_outage_s, verbose,
-                  threads),
+                  threads, folders),
         )
         for i, dev in enumerate(worker_devices(device, workers))
     ]

@@ -186,6 +186,19 @@ class AsrTask(Task):
         )
         return MemoryFigure(int(peak), "estimated")
 
+    def discard(self, checkpoint_dir: Path) -> int:
+        """The resume state ``last.pt`` (the largest file: optimiser state too); the trained
+        model ``model.pt`` and ``metrics.jsonl`` stay."""
+        from cnn_mellin.training.checkpoint import RESUME_FILE
+
+        path = Path(checkpoint_dir) / RESUME_FILE
+        try:
+            size = path.stat().st_size
+            path.unlink()
+        except FileNotFoundError:
+            return 0
+        return size
+
     def run(self, config: Config, context: TrialContext) -> TaskResult:
         import torch
 

@@ -237,6 +237,11 @@ class Task(abc.ABC):
         """Peak memory one training step of ``config`` needs on ``device``, if knowable."""
         return None
 
+    def discard(self, checkpoint_dir: Path) -> int:
+        """Delete what only a retry could use, once the trial ended for good (COMPLETE or
+        PRUNED); keep what its results point to. Returns the bytes freed."""
+        return 0
+
     @abc.abstractmethod
     def run(self, config: Config, context: TrialContext) -> TaskResult:
         """Run one trial. Raise PruneTrial (or let ``optuna.TrialPruned`` through) to prune."""
