@@ -161,13 +161,12 @@ class AsrTask(Task):
         import torch
 
         from cnn_mellin.memory import estimate_peak_bytes, measure_peak_bytes
+        from cnn_mellin.training.precision import autocast_dtype
 
         batch, frames = config["data.batch_size"], int(self.info["max_frames"])
         training = config.group("training")
         cuda = device.startswith("cuda") and torch.cuda.is_available()
-        autocast = None
-        if cuda and training["mixed_precision"]:
-            autocast = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+        autocast = autocast_dtype(training, device) if cuda else None
         if cuda:
             from cnn_mellin.model import AcousticModel
             from cnn_mellin.training import optimizer_from_params
