@@ -187,7 +187,10 @@ def _register_run(actions) -> None:
         description="Pull trials from the study until it has its number of trials in "
         "COMPLETE or PRUNED, counted across all workers. Trials of workers that die are "
         "failed and retried from their last epoch checkpoint. SIGTERM/SIGINT re-enqueue the "
-        "running trial before exiting.",
+        "running trial before exiting (an asr trial first checkpoints the optimiser step it "
+        "is at; its retry resumes there). A worker with nothing left to claim exits unless "
+        "it is the one standing by for retries of trials still running. Threads: the job's "
+        "CPU allocation (SLURM_CPUS_PER_TASK, CPU affinity).",
     )
     run.add_argument("--sampler", choices=SAMPLERS, default="random",
                      help="how parameters are chosen (default random)")
