@@ -80,9 +80,10 @@ def parse_args(argv=None):
                    help="epochs per configuration (cosine schedule over these epochs)")
     p.add_argument("--batch-size", type=int, default=4, help="conf/optim/demo.ini's 4")
     p.add_argument("--seed", type=int, default=0, help="seed of the configuration draws")
-    p.add_argument("--training-share", type=float, default=0.25,
-                   help="share of configurations that also draw training.*")
-    p.add_argument("--near-share", type=float, default=0.2,
+    p.add_argument("--training-share", type=float, default=0.15,
+                   help="share of configurations that also draw training.* (per session: "
+                        "each row records its kind)")
+    p.add_argument("--near-share", type=float, default=0.1,
                    help="share of configurations that change 1-3 model parameters of the base")
     p.add_argument("--mem-limit-bytes", type=float, default=5e8,
                    help="estimated peak over this: recorded as 'memory', not trained")
@@ -230,7 +231,6 @@ def open_table(args, corpus: dict, num_coeffs: int) -> tuple[Path, Path, int, se
                                   Path(f"{out}.meta.json"))
     settings = {
         "epochs": args.epochs, "batch_size": args.batch_size, "seed": args.seed,
-        "training_share": args.training_share, "near_share": args.near_share,
         "mem_limit_bytes": args.mem_limit_bytes,
         "max_config_cpu_seconds": args.max_config_cpu_seconds,
         "base": "defaults + conf/optim/demo.ini, num_epochs and batch_size as above",
@@ -239,6 +239,9 @@ def open_table(args, corpus: dict, num_coeffs: int) -> tuple[Path, Path, int, se
     }
     meta = json.loads(meta_path.read_text()) if meta_path.exists() else {
         "corpus": corpus, "settings": settings, "sessions": []}
+    for key in ("training_share", "near_share"):  # per session since the second session
+        if key in meta["settings"]:
+            meta["sessions"][0][key] = meta["settings"].pop(key)
     for key, now in (("corpus", corpus), ("settings", settings)):
         if meta[key] != now:
             sys.exit(f"{meta_path}: {key} differ from this run's ({meta[key]} != {now}); "
@@ -247,6 +250,7 @@ def open_table(args, corpus: dict, num_coeffs: int) -> tuple[Path, Path, int, se
         "started": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
         "versions": _versions(), "machine": _machine(), "torch_threads": args.threads,
         "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS"),
+        "training_share": args.training_share, "near_share": args.near_share,
         "loadavg_at_start": os.getloadavg(), "command": " ".join(sys.argv),
         "space": space_json(num_coeffs),
     })
