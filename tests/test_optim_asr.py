@@ -13,6 +13,7 @@ from optuna.trial import TrialState
 
 from cnn_mellin.config import Config
 from cnn_mellin.optim.attrs import WORKER as WORKER_ATTR
+from cnn_mellin.optim.status import format_bytes
 from cnn_mellin.optim.study import build_settings, init_study
 from cnn_mellin.optim.worker import run_worker
 from tests.optim_helpers import load, start_worker, states, wait_all
@@ -219,7 +220,7 @@ def test_sigterm_checkpoints_the_step_and_the_retry_ends_as_an_uninterrupted_run
     assert retry.user_attrs["retry_of"] == 0
     assert retry.system_attrs["fixed_params"] == failed.params
 
-    assert run_worker(url, "asr", seed=0).exit_code == 0
+    assert run_worker(url, "asr", seed=0, keep_checkpoints=True).exit_code == 0
     [done] = load(url, "asr").get_trials(states=(TrialState.COMPLETE,))
     assert done.user_attrs["resumed_from_step"] == stopped
     task = settings.build_task()
@@ -245,4 +246,5 @@ def test_finished_trial_keeps_its_model_and_drops_its_resume_state(tmp_path, cli
     assert (folder / "last.pt").exists() == keep
     code, out, _ = cli("optim", url, "status")
     used = sum(p.stat().st_size for p in folder.parent.rglob("*") if p.is_file())
-    assert code == 0 and f"checkpoints: {used / 1000:.1f} kB in {folder.parent}\n" in out, out
+    assert code == 0 and f"checkpoints: {format_bytes(used)} in {folder.parent}\n" in out, out
+    assert format_bytes(999) == "999 bytes" and format_bytes(3_052_200) == "3.1 MB"

@@ -94,7 +94,8 @@ def checkpoint_usage(root: Path) -> dict[str, Any]:
     return {"path": str(root), "bytes": total}
 
 
-def _size(n: int) -> str:
+def format_bytes(n: int) -> str:
+    """``n`` bytes for people: 999 bytes, 1.5 kB, 3.1 MB, 2.0 GB."""
     for unit in ("bytes", "kB", "MB", "GB"):
         if n < 1000 or unit == "GB":
             return f"{n} bytes" if unit == "bytes" else f"{n:.1f} {unit}"
@@ -115,7 +116,7 @@ def format_status(status: dict[str, Any]) -> str:
     lines.extend(lineage_lines(status.get("lineage")))
     disk = status.get("checkpoints")
     if disk:
-        used = "not on this machine" if disk["bytes"] is None else _size(disk["bytes"])
+        used = "not on this machine" if disk["bytes"] is None else format_bytes(disk["bytes"])
         lines.append(f"checkpoints: {used} in {disk['path']}")
     best = status["best"]
     if best is None:
