@@ -41,14 +41,12 @@ def slurm_env(**extra) -> dict:
     return environ
 
 
-def sbatch(environ: dict, log_dir: Path, *args: str) -> str:
-    """Submit ``scripts/cnn_mellin.slrm ARGS`` (after sbatch options); returns the job id."""
+def sbatch(environ: dict, log_dir: Path, options: list[str], args: list[str]) -> str:
+    """Submit ``scripts/cnn_mellin.slrm ARGS`` with sbatch ``options``; returns the job id."""
     log_dir.mkdir(parents=True, exist_ok=True)
-    options = [a for a in args if a.startswith("--") and "=" in a]
-    rest = [a for a in args if a not in options]
     done = subprocess.run(
         ["sbatch", "--parsable", "--cpus-per-task=1", "--mem=700M",
-         f"--output={log_dir}/%A_%a.out", *options, "scripts/cnn_mellin.slrm", *rest],
+         f"--output={log_dir}/%A_%a.out", *options, "scripts/cnn_mellin.slrm", *args],
         cwd=ROOT, env=environ, capture_output=True, text=True, timeout=30,
     )
     assert done.returncode == 0, done.stderr

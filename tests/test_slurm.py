@@ -37,7 +37,7 @@ def test_array_of_three_ends_with_exactly_the_budget_and_idle_tasks_leave_early(
     environ = slurm_env(FAKE_EPOCH_S="0.5")
     url = pg_db[0]
     fake_study(url, tmp_path, name="pool", num_trials=7, whitelist=SEARCH)
-    job = sbatch(environ, tmp_path / "logs", "--array=1-3", *_run_args(url, "pool"))
+    job = sbatch(environ, tmp_path / "logs", ["--array=1-3"], _run_args(url, "pool"))
     last_seen = wait_gone(environ, job, timeout=240)
     logs = {p.name: p.read_text() for p in (tmp_path / "logs").iterdir()}
     study = load(url, "pool")
@@ -60,7 +60,7 @@ def test_scancel_of_one_task_mid_trial_hands_its_trial_back_at_once_to_resume_th
     # a 30-s heartbeat grace: a retry within seconds was handed back, not reaped as dead
     fake_study(url, tmp_path, name="cancel", num_trials=3, whitelist=SEARCH,
                base={"training.num_epochs": 2}, heartbeat_interval=10.0)
-    job = sbatch(environ, tmp_path / "logs", "--array=1-2", *_run_args(url, "cancel"))
+    job = sbatch(environ, tmp_path / "logs", ["--array=1-2"], _run_args(url, "cancel"))
     ckpt = tmp_path / "ckpt" / "cancel"
     _wait(lambda: len(list(ckpt.glob("*/trial-*/step"))) >= 2, 120, "two trials stepping")
     cancelled = time.monotonic()
@@ -97,8 +97,8 @@ def test_time_limit_signal_hands_the_trial_back_before_the_limit(pg_db, tmp_path
     fake_study(url, tmp_path, name="limit", num_trials=1, whitelist=SEARCH,
                base={"training.num_epochs": 2}, heartbeat_interval=10.0)
     # SIGTERM 30 s before a 1-minute limit (SLURM sends it up to a minute early)
-    job = sbatch(environ, tmp_path / "logs", "--time=1", "--signal=B:TERM@30",
-                 *_run_args(url, "limit"))
+    job = sbatch(environ, tmp_path / "logs", ["--time=1", "--signal=B:TERM@30"],
+                 _run_args(url, "limit"))
     _wait(lambda: queued(environ, job) and list((tmp_path / "ckpt").glob("*/*/*/step")), 60,
           "the trial to step")
     wait_gone(environ, job, timeout=120)
@@ -116,3 +116,30 @@ def test_time_limit_signal_hands_the_trial_back_before_the_limit(pg_db, tmp_path
     [retry] = load(url, "limit").get_trials(states=(TrialState.COMPLETE,))
     assert retry.user_attrs["resumed_from_step"] == stopped
 
+
+
+def test_requeued_job_hands_its_trial_back_and_resumes_it_when_it_runs_again(pg_db, tmp_path):
+    environ = slurm_env(FAKE_EPOCH_S="3", FAKE_STEPS="20")
+    url = pg_db[0]
+    fake_study(url, tmp_path, name="requeue", num_trials=1, whitelist=SEARCH,
+               base={"training.num_epochs": 2}, heartbeat_interval=10.0)
+    job = sbatch(environ, tmp_path / "logs", ["--requeue"], _run_args(url, "requeue"))
+    _wait(lambda: list((tmp_path / "ckpt").glob("*/*/*/step")), 120, "the trial to step")
+    subprocess.run(["scontrol", "requeue", job], env=environ, check=True, timeout=30)
+    failed = _wait(lambda: load(url, "requeue").get_trials(states=(TrialState.FAIL,)), 20,
+                   "the requeued job's trial to be handed back")[0]
+    assert failed.user_attrs["fail_kind"] == "interrupted"
+    stopped = failed.user_attrs["stopped_at_step"]
+    # SLURM holds a requeued job for a while (BeginTime); let it start again now
+    _wait(lambda: "PENDING" in subprocess.run(
+        ["squeue", "-h", "-j", job, "-o", "%T"], env=environ, capture_output=True, text=True,
+        timeout=30).stdout, 30, "the job back in the queue")
+    subprocess.run(["scontrol", "update", f"JobId={job}", "StartTime=now"], env=environ,
+                   check=True, timeout=30)
+    wait_gone(environ, job, timeout=240)
+    study = load(url, "requeue")
+    log = "".join(p.read_text() for p in (tmp_path / "logs").iterdir())
+    assert states(study) == {"COMPLETE": 1, "FAIL": 1}, log
+    [retry] = study.get_trials(states=(TrialState.COMPLETE,))
+    assert retry.user_attrs["resumed_from_step"] == stopped
+    assert retry.user_attrs["worker"]["pid"] != failed.user_attrs["worker"]["pid"]
