@@ -79,6 +79,15 @@ MAX_CONSECUTIVE_ERRORS = 3
 STOP_GRACE_S = 20.0
 
 
+def _ignore_signals() -> None:
+    """From here on the trial is being handed back: a second signal must not interrupt that."""
+    if threading.current_thread() is not threading.main_thread():
+        return
+    signal.setitimer(signal.ITIMER_REAL, 0)
+    for ignored in (signal.SIGTERM, signal.SIGINT, signal.SIGALRM):
+        signal.signal(ignored, signal.SIG_IGN)
+
+
 class WorkerStopped(BaseException):
     """SIGTERM or SIGINT arrived: stop after failing (and re-enqueueing) the current trial."""
 
@@ -238,9 +247,7 @@ class Worker:
         if signum == signal.SIGALRM:
             _log.warning("the trial did not stop within %g s; interrupting it", STOP_GRACE_S)
             signum = self.stop_signal or signal.SIGTERM
-        # a second signal must not interrupt the re-enqueueing of the trial
-        for ignored in (signal.SIGTERM, signal.SIGINT, signal.SIGALRM):
-            signal.signal(ignored, signal.SIG_IGN)
+        _ignore_signals()
         raise WorkerStopped(signum)
 
     def _stop_requested(self) -> bool:
@@ -378,7 +385,7 @@ class Worker:
             self._fail(trial, claimed, "interrupted", f"worker stopped by {stop}")
             raise
         except TrialInterrupted as stopped:
-            signal.setitimer(signal.ITIMER_REAL, 0)
+            _ignore_signals()
             signum = self.stop_signal or signal.SIGTERM
             for key in (STOPPED_AT_STEP, EPOCHS):
                 if key in facts:
