@@ -74,7 +74,9 @@ def test_invalid_arguments_write_nothing(tmp_path, pg_db):
     with pytest.raises(DataError):
         build_settings(Config(), tmp_path / "missing", task=FAKE_TASK,
                        checkpoint_dir=tmp_path / "c")
-    with pytest.raises(ConfigError, match="not available"):
+    with pytest.raises(ConfigError, match="unknown task 'nosuch'"):
+        build_settings(Config(), tmp_path, task="nosuch", checkpoint_dir=tmp_path / "c")
+    with pytest.raises(ConfigError, match="--task attack needs --victim"):
         build_settings(Config(), tmp_path, task="attack", checkpoint_dir=tmp_path / "c")
     assert pg_tables(name) == []
 
