@@ -248,3 +248,15 @@ def test_finished_trial_keeps_its_model_and_drops_its_resume_state(tmp_path, cli
     used = sum(p.stat().st_size for p in folder.parent.rglob("*") if p.is_file())
     assert code == 0 and f"checkpoints: {format_bytes(used)} in {folder.parent}\n" in out, out
     assert format_bytes(999) == "999 bytes" and format_bytes(3_052_200) == "3.1 MB"
+
+
+def test_run_folder_overrides_that_cannot_work_are_one_line_errors(tmp_path, cli):
+    url = str(tmp_path / "s.journal")
+    _asr_study(url, tmp_path, num_trials=1)
+    code, _, err = cli("--device", "cpu", "optim", url, "run", "--data-dir", tmp_path / "nope")
+    assert code == 2 and err.count("\n") == 1 and "nope" in err, err
+    (tmp_path / "file").write_text("")
+    code, _, err = cli("--device", "cpu", "optim", url, "run", "--checkpoint-dir",
+                       tmp_path / "file")
+    assert code == 2 and err.count("\n") == 1 and "is not a directory" in err, err
+    assert states(load(url, "asr")) == {"WAITING": 1}

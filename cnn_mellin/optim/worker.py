@@ -576,6 +576,8 @@ def overridden(
     """``settings`` with the data and checkpoint folders a worker elsewhere sees them under
     (``run --data-dir/--checkpoint-dir``: joining from another cluster)."""
     if checkpoint_dir is not None:
+        if os.path.exists(checkpoint_dir) and not os.path.isdir(checkpoint_dir):
+            raise ConfigError(f"--checkpoint-dir {checkpoint_dir} is not a directory")
         settings = dataclasses.replace(settings, checkpoint_dir=os.path.abspath(checkpoint_dir))
     if data_dir is not None:
         if "data_dir" not in settings.task_info:
