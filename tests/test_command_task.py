@@ -419,3 +419,14 @@ def test_group_pids_sees_a_session():
     finally:
         process.kill()
         process.wait()
+
+
+def test_the_guard_started_from_a_shell_stops_only_its_own_session():
+    # found by hand: run without a session of its own, the guard's clean-up after the
+    # command ended used to kill every process of its caller's session
+    caller = subprocess.run(
+        [sys.executable, "-c", "import subprocess, sys; subprocess.run([sys.executable, '-m', "
+         "'cnn_mellin.tasks.command', '--guard', '1', '/bin/true']); print('caller alive')"],
+        capture_output=True, text=True, timeout=60, start_new_session=True, env=env(),
+    )
+    assert caller.returncode == 0 and "caller alive" in caller.stdout, caller

@@ -331,6 +331,13 @@ def _guard(grace_s: float, argv: list[str]) -> int:
     The worker that started this guard may be killed outright (SIGKILL): then this guard
     is re-parented, notices, and stops the script's whole group, so nothing is left behind.
     """
+    if os.getsid(0) != os.getpid():  # not started as a session leader: become one, so that
+        try:  # stopping "the group" can never reach the caller's own processes
+            os.setsid()
+        except PermissionError:
+            sys.stderr.write("cnn-mellin: the guard must start a session of its own (run it "
+                             "with start_new_session=True)\n")
+            return 2
     parent = os.getppid()
     stopping = []
     for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
