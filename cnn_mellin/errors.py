@@ -21,3 +21,8 @@ class ConfigError(UserError):
 
 class DataError(UserError):
     """A corpus or feature store that cannot be read as asked."""
+
+
+class DataConfigError(DataError, ConfigError):
+    """Data that this configuration cannot use although another one could (e.g. utterances
+    longer than the model's outputs): in a search, the configuration is invalid."""

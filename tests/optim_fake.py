@@ -4,7 +4,8 @@ Its value is a smooth function of a few parameters. It runs ``training.num_epoch
 epochs of ``FAKE_EPOCH_S`` seconds each (environment variable, default 0), writes an
 epoch checkpoint so a retry resumes, and misbehaves on request: optimizer ``sgd`` runs
 out of memory, ``rmsprop`` reports a NaN, ``adamw`` raises the error ``FAKE_ADAMW_ERROR``
-names (``bug``, ``data`` or ``config``) when that is set. Memory needed:
+names (``bug``, ``data``, ``config`` or ``longdata``: data this configuration cannot use)
+when that is set. Memory needed:
 ``data.batch_size`` MB. It does not import torch, so its worker processes start fast.
 An epoch is ``FAKE_STEPS`` steps (default 1); the task stops on request after any step,
 checkpointing it (file ``step``), and a retry goes on from there like ``asr`` does.
@@ -18,7 +19,7 @@ import signal
 import time
 from pathlib import Path
 
-from cnn_mellin.errors import ConfigError, DataError
+from cnn_mellin.errors import ConfigError, DataConfigError, DataError
 from cnn_mellin.optim.attrs import RESUMED_FROM_STEP, STOPPED_AT_STEP
 from cnn_mellin.tasks import MemoryFigure, Task, TaskResult
 from cnn_mellin.tasks.base import TrialInterrupted
@@ -74,6 +75,8 @@ class FakeTask(Task):
             raise DataError("fake data went missing")
         if error == "config":
             raise ConfigError("fake combination that cannot train")
+        if error == "longdata":
+            raise DataConfigError("fake utterances longer than the model's outputs")
         context.checkpoint_dir.mkdir(parents=True, exist_ok=True)
         state = context.checkpoint_dir / "epoch"
         start = int(state.read_text()) if state.exists() else 0

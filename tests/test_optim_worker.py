@@ -134,10 +134,68 @@ def test_data_error_requeues_the_trial_and_stops_the_worker(tmp_path, monkeypatc
         run_worker(url, "fake")
     study = load(url, "fake")
     [failed] = study.get_trials(states=(TrialState.FAIL,))
-    assert failed.user_attrs["fail_kind"] == "interrupted"
+    assert failed.user_attrs["fail_kind"] == "user"
     [retry] = [t for t in study.get_trials() if t.user_attrs.get("retry_of") == failed.number]
-    assert retry.state == TrialState.WAITING and retry.user_attrs["retry_count"] == 0
+    assert retry.state == TrialState.WAITING and retry.user_attrs["retry_count"] == 1
     assert states(study) == {"FAIL": 1, "WAITING": 2}
+
+
+def test_a_user_error_that_goes_with_the_parameters_cannot_drain_the_pool(tmp_path,
+                                                                          monkeypatch):
+    # a user error re-enqueued the trial unbounded and stopped the worker; the next worker
+    # claimed that retry first and stopped the same way, so no pool ever finished
+    url = _journal(tmp_path)
+    monkeypatch.setenv("FAKE_ADAMW_ERROR", "data")
+    fake_study(url, tmp_path, num_trials=2, whitelist=["training.learning_rate"],
+               base={"training.optimizer": "adamw"})
+    stopped = 0
+    for _ in range(8):  # workers started one after the other, as a requeueing pool does
+        try:
+            if run_worker(url, "fake").exit_code == 0:
+                break
+        except DataError:
+            stopped += 1
+    study = load(url, "fake")
+    assert states(study)["PRUNED"] == 2 and stopped <= 2
+    for trial in study.get_trials(states=(TrialState.PRUNED,)):
+        assert trial.user_attrs["prune_kind"] == "invalid"
+        assert trial.user_attrs["prune_reason"] == \
+            "DataError: fake data went missing (again, on the retry)"
+        assert trial.system_attrs["constraints:valid"] == 1.0
+
+
+def test_data_this_configuration_cannot_use_prunes_the_trial(tmp_path, monkeypatch):
+    url = _journal(tmp_path)
+    monkeypatch.setenv("FAKE_ADAMW_ERROR", "longdata")
+    fake_study(url, tmp_path, num_trials=2, whitelist=["training.learning_rate"],
+               base={"training.optimizer": "adamw"})
+    summary = run_worker(url, "fake")
+    assert summary.exit_code == 0 and summary.outcomes == {"pruned": 2}
+    for trial in load(url, "fake").get_trials():
+        assert trial.user_attrs["prune_kind"] == "invalid"
+        assert "longer than the model's outputs" in trial.user_attrs["prune_reason"]
+
+
+@pytest.mark.parametrize("kind, bound", [("dead", 2), ("user", 2),
+                                         ("interrupted", budget.MAX_INTERRUPTS)])
+def test_every_kind_of_retry_is_bounded(tmp_path, kind, bound):
+    # interrupted retries were not counted at all
+    url = _journal(tmp_path)
+    fake_study(url, tmp_path, num_trials=1, whitelist=["training.learning_rate"],
+               max_retries=2)
+    study = load(url, "fake")
+    chain = 0
+    for _ in range(bound + 1):
+        [claimed] = study.get_trials(states=(TrialState.WAITING,))
+        study._storage.set_trial_state_values(claimed._trial_id, TrialState.RUNNING)
+        assert budget.fail_and_replace(study, study._storage.get_trial(claimed._trial_id),
+                                       kind, "again", max_retries=2)
+        chain += 1
+        [replacement] = study.get_trials(states=(TrialState.WAITING,))
+        if "retry_of" not in replacement.user_attrs:
+            break
+        assert replacement.user_attrs["retry_of"] == 0
+    assert chain == bound + 1 and "retry_of" not in replacement.user_attrs
 
 
 def test_late_config_error_prunes_the_trial(tmp_path, monkeypatch):

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from cnn_mellin.decoding import decode, load_checkpoint_file
-from cnn_mellin.errors import DataError, UserError
+from cnn_mellin.errors import ConfigError, DataError, UserError
 from cnn_mellin.training import TrainingDiverged, train
 from cnn_mellin.training import step as step_module
 from cnn_mellin.training.metrics import FIELDS
@@ -388,3 +388,16 @@ def test_stop_between_epochs_keeps_the_epoch_checkpoint(stores, tmp_path):
     assert cut.value.epoch == 2 and cut.value.batches == 0 and cut.value.step == 8
     saved = load_checkpoint_file(tmp_path / "last.pt")
     assert saved["epoch"] == 1 and "mid_epoch" not in saved
+
+
+def test_utterances_no_output_can_align_are_a_configuration_error():
+    # in a search this is an invalid configuration (pruned), not a data error that stops
+    # the worker: another configuration downsamples less
+    from types import SimpleNamespace
+
+    from cnn_mellin.training.loop import _drop_impossible
+
+    model = SimpleNamespace(output_lengths=lambda frames: frames // 100)
+    data = SimpleNamespace(num_frames=[50, 60], utt_ids=["a", "b"], num_targets=[3, 4])
+    with pytest.raises(ConfigError, match="every utterance has more target phones"):
+        _drop_impossible(model, data, "train")

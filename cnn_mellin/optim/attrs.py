@@ -23,8 +23,10 @@ REPLACES = "replaces"
 RETRY_OF = "retry_of"
 RETRY_COUNT = "retry_count"
 REPLACE_REASON = "replace_reason"
+REPLACE_KIND = "replace_kind"  # the FAIL_KIND of the trial a retry replaces
+INTERRUPT_COUNT = "interrupt_count"  # signals a chain of retries has been stopped by
 FAIL_REASON = "fail_reason"
-FAIL_KIND = "fail_kind"  # "dead" | "interrupted" | "error" | "duplicate"
+FAIL_KIND = "fail_kind"  # "dead" | "interrupted" | "user" | "error" | "duplicate"
 DUPLICATE_OF = "duplicate_of"
 
 # -- study user attributes besides the init settings ---------------------------------------

@@ -31,6 +31,8 @@ from cnn_mellin.optim import internals
 from cnn_mellin.optim.attrs import (
     FAIL_KIND,
     FAIL_REASON,
+    INTERRUPT_COUNT,
+    REPLACE_KIND,
     REPLACE_REASON,
     REPLACES,
     RETRY_COUNT,
@@ -39,6 +41,11 @@ from cnn_mellin.optim.attrs import (
 
 _log = logging.getLogger("cnn_mellin.optim")
 
+
+# a chain of retries stopped by this many signals (preemptions, time limits) goes on with
+# fresh parameters: each interruption resumes where it stopped, so only a trial that never
+# gets anywhere reaches it
+MAX_INTERRUPTS = 20
 
 LIVE_STATES = (TrialState.WAITING, TrialState.RUNNING, TrialState.COMPLETE, TrialState.PRUNED)
 
@@ -127,17 +134,23 @@ def replace(
 ) -> None:
     """Enqueue the one replacement of a trial that has just been failed by this process.
 
-    ``kind`` ``dead`` (worker died) and ``interrupted`` (worker stopped by a signal) give
-    a retry with the same parameters and checkpoint folder; ``dead`` counts against
-    ``max_retries``. ``error`` (or retries used up) gives fresh parameters.
+    ``kind`` ``dead`` (worker died), ``user`` (a user error stopped the worker) and
+    ``interrupted`` (worker stopped by a signal) give a retry with the same parameters and
+    checkpoint folder. Every retry is bounded: ``dead`` and ``user`` count against
+    ``max_retries``, ``interrupted`` against :data:`MAX_INTERRUPTS`. ``error``, or a bound
+    reached, gives fresh parameters.
     """
-    attrs: dict = {REPLACES: failed.number, REPLACE_REASON: reason}
+    attrs: dict = {REPLACES: failed.number, REPLACE_REASON: reason, REPLACE_KIND: kind}
     params: dict = {}
-    retries = int(failed.user_attrs.get(RETRY_COUNT, 0)) + (1 if kind == "dead" else 0)
-    if kind in ("dead", "interrupted") and retries <= max_retries:
+    retries = int(failed.user_attrs.get(RETRY_COUNT, 0)) + (kind in ("dead", "user"))
+    interrupts = int(failed.user_attrs.get(INTERRUPT_COUNT, 0)) + (kind == "interrupted")
+    if kind in ("dead", "user", "interrupted") and retries <= max_retries \
+            and interrupts <= MAX_INTERRUPTS:
         params = dict(failed.params)
         attrs[RETRY_OF] = root_number(failed)
         attrs[RETRY_COUNT] = retries
+        if interrupts:
+            attrs[INTERRUPT_COUNT] = interrupts
     study.enqueue_trial(params, user_attrs=attrs)
     _log.info(
         "trial %d failed (%s); %s", failed.number, reason,

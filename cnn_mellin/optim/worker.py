@@ -6,7 +6,9 @@ pruned with the reason) → memory admission (over the limit → pruned before t
 the figure recorded and given to the sampler as a constraint) → run the task with
 per-epoch reports for the pruner → record wall time, epochs, peak memory, device and
 host → tell. Out-of-memory errors and non-finite values prune the trial with the reason;
-the worker carries on. Any other error fails the trial (a fresh trial replaces it).
+the worker carries on. Any other error fails the trial (a fresh trial replaces it); a user
+error fails it, enqueues its one retry and stops the worker, and that retry failing again is
+pruned as invalid (the error goes with the parameters).
 SIGTERM / SIGINT fail the running trial as interrupted and enqueue its retry, which
 resumes from the trial's checkpoints; a task that stops on request (``asr``) first saves a
 checkpoint of the step it is at (within :data:`STOP_GRACE_S`). The loop ends when the
@@ -50,6 +52,7 @@ from cnn_mellin.optim.attrs import (
     PEAK_METHOD,
     PRUNE_KIND,
     PRUNE_REASON,
+    REPLACE_KIND,
     REPLACES,
     RESUMED_FROM,
     RETRY_OF,
@@ -400,8 +403,14 @@ class Worker:
                 trial, facts, started,
                 _Prune("invalid", f"invalid configuration: {err}", (VALID_CONSTRAINT, 1.0)),
             )
-        except UserError as err:  # data or environment: every trial would fail here
-            self._fail(trial, claimed, "interrupted", f"{type(err).__name__}: {_one_line(err)}")
+        except UserError as err:
+            reason = f"{type(err).__name__}: {_one_line(err)}"
+            if claimed.user_attrs.get(REPLACE_KIND) == "user":
+                # a second worker failed the same way: the error goes with the parameters
+                return self._finish_pruned(trial, facts, started, _Prune(
+                    "invalid", f"{reason} (again, on the retry)", (VALID_CONSTRAINT, 1.0)))
+            # data or environment: every trial would fail here; its one retry goes elsewhere
+            self._fail(trial, claimed, "user", reason)
             raise
         except Exception as err:
             if _is_oom(err):

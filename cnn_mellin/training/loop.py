@@ -24,7 +24,7 @@ import torch
 
 from cnn_mellin.config import Config
 from cnn_mellin.decoding import BLANK, MODEL_FILE, decode_batches, error_counts, write_model_file
-from cnn_mellin.errors import DataError, UserError
+from cnn_mellin.errors import DataConfigError, DataError, UserError
 from cnn_mellin.training.augment import Augmenter
 from cnn_mellin.training.checkpoint import load_resume, rng_states, save_resume, set_rng_states
 from cnn_mellin.training.metrics import peak_memory_bytes, write_metrics
@@ -124,7 +124,7 @@ def _drop_impossible(model, dataset, train_dir):
     if not bad:
         return dataset, []
     if len(bad) == len(dataset.utt_ids):
-        raise DataError(
+        raise DataConfigError(
             f"{train_dir}: every utterance has more target phones than the model has output "
             "frames; lower model.window_stride or other downsampling"
         )
