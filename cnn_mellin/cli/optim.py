@@ -245,7 +245,8 @@ def _register_best(actions) -> None:
         "median error, repaired into a valid combination.",
     )
     best.add_argument("--independent", action="store_true",
-                      help="choose each searched parameter on its own (lowest median error)")
+                      help="choose each searched parameter on its own (lowest median error), "
+                      "then fit the study's memory limit with the best trial's values")
     best.add_argument("out", nargs="?", default="-", metavar="OUT.ini",
                       help="output file, or - for standard output (default)")
     best.set_defaults(func=run_best, needs_device=False)

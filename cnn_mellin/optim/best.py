@@ -3,7 +3,8 @@
 Either the best trial's full configuration (base + its parameters), or with
 ``independent=True`` each searched parameter's value with the best median value
 over completed trials, judged one parameter at a time and then repaired by the task
-into a valid combination. "Best" follows the study's direction (lowest error, or the
+into a valid combination that fits the study's memory limit (the task's ``peak_memory``
+on the device the best trial ran on). "Best" follows the study's direction (lowest error, or the
 highest value of a metric a ``command`` study maximises).
 """
 
@@ -20,8 +21,9 @@ from optuna.study import StudyDirection
 from optuna.trial import FrozenTrial, TrialState
 
 from cnn_mellin.config import Config
-from cnn_mellin.errors import UserError
+from cnn_mellin.errors import ConfigError, UserError
 from cnn_mellin.optim import space
+from cnn_mellin.optim.attrs import WORKER
 from cnn_mellin.optim.study import StudySettings
 from cnn_mellin.tasks import Task
 
@@ -83,7 +85,8 @@ def lowest_median_value(pairs: list[tuple[Any, float]], categorical: bool) -> An
 
 
 def independent_config(study: optuna.Study, settings: StudySettings, task: Task) -> Config:
-    """Each searched parameter's lowest-median-error value, repaired into a valid config."""
+    """Each searched parameter's lowest-median-error value, repaired into a valid config
+    under the study's memory limit."""
     trials = _completed(study)
     dists = space.distributions(settings.searched, task.params())
     s = sign(study)
@@ -95,6 +98,43 @@ def independent_config(study: optuna.Study, settings: StudySettings, task: Task)
             chosen[name] = lowest_median_value(pairs, categorical)
     config = task.repair(settings.config().replace(chosen))
     task.check(config)
+    best = best_trial(study)
+    return fit_memory(config, settings, task, best.params, trial_device(best))
+
+
+def trial_device(trial: FrozenTrial) -> str:
+    """The device ``trial`` ran on (``cpu`` if not recorded)."""
+    worker = trial.user_attrs.get(WORKER)
+    return str(worker.get("device", "cpu")) if isinstance(worker, dict) else "cpu"
+
+
+def fit_memory(
+    config: Config, settings: StudySettings, task: Task, fallback: dict[str, Any], device: str
+) -> Config:
+    """``config`` brought under the study's memory limit by taking back, one at a time, the
+    parameter values of ``fallback`` (the best trial's, which ran under it) that save the
+    most; ``config`` itself if it fits, or if the task cannot tell its memory."""
+    limit = settings.mem_limit_bytes
+
+    def need(candidate: Config) -> int | None:
+        figure = task.peak_memory(candidate, device)
+        return None if figure is None else int(figure.bytes)
+
+    left = {k: v for k, v in fallback.items() if k in config and config[k] != v}
+    current = need(config) if limit is not None else None
+    while current is not None and current > limit and left:
+        options = []
+        for name in sorted(left):
+            candidate = task.repair(config.replace({name: left[name]}))
+            try:
+                task.check(candidate)
+            except ConfigError:
+                continue
+            options.append((need(candidate), name, candidate))
+        if not options:
+            break
+        current, name, config = min(options, key=lambda o: (o[0] is None, o[0] or 0, o[1]))
+        del left[name]
     return config
 
 
