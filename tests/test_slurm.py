@@ -34,7 +34,7 @@ def _wait(condition, timeout, what):
 def test_array_of_three_ends_with_exactly_the_budget_and_idle_tasks_leave_early(
     pg_db, tmp_path
 ):
-    environ = slurm_env(FAKE_EPOCH_S="0.5")
+    environ = slurm_env(FAKE_EPOCH_S="1.0")  # 3-s trials: idle tasks have time to leave
     url = pg_db[0]
     fake_study(url, tmp_path, name="pool", num_trials=7, whitelist=SEARCH)
     job = sbatch(environ, tmp_path / "logs", ["--array=1-3"], _run_args(url, "pool"))
