@@ -367,7 +367,7 @@ def _run(args) -> int:
 
     folders = {"keep_checkpoints": args.keep_checkpoints, "data_dir": args.data_dir,
                "checkpoint_dir": args.checkpoint_dir}
-    if args.workers > 1:
+    if args.workers != 1:  # run_workers refuses fewer than one
         return run_workers(
             args.workers, args.db_url, args.study_name, device=args.device,
             sampler=args.sampler, seed=args.seed, max_trials=args.max_trials,

@@ -272,8 +272,10 @@ def _open_journal(spec: StorageSpec, create: bool) -> BaseStorage:
         return JournalStorage(JournalFileBackend(str(path)))
     except OSError as err:
         raise StorageError(f"cannot open journal {path}: {err.strerror or err}") from None
-    except (ValueError, KeyError) as err:
-        raise StorageError(f"{path} is not an Optuna journal file: {err}") from None
+    except (ValueError, KeyError, TypeError, AssertionError) as err:
+        # Optuna replays the file here; records it does not know end in an assertion
+        raise StorageError(f"{path} is not an Optuna journal file: "
+                           f"{err or 'unknown record'}") from None
 
 
 def is_journal(storage: BaseStorage) -> bool:
