@@ -590,3 +590,24 @@ def test_a_task_that_does_not_stop_within_the_grace_is_interrupted(tmp_path, mon
     assert "stopped_at_step" not in failed.user_attrs
     assert [signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGINT, signal.SIGALRM)] \
         == handlers
+
+
+@pytest.mark.slow
+def test_a_busy_worker_takes_anothers_retry_before_fresh_trials(tmp_path):
+    url = _journal(tmp_path)
+    fake_study(url, tmp_path, name="order", num_trials=3, whitelist=["training.learning_rate"],
+               base={"training.num_epochs": 2}, heartbeat_interval=10.0)
+    workers = [start_worker(url, "order", FAKE_EPOCH_S=3, FAKE_STEPS=20) for _ in range(2)]
+    deadline = time.monotonic() + 60
+    while len(list((tmp_path / "ckpt" / "order").glob("*/trial-*/step"))) < 2:
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+    workers[0].send_signal(signal.SIGTERM)
+    results = wait_all(workers)
+    assert results[0][0] == 128 + signal.SIGTERM and results[1][0] == 0, results
+    study = load(url, "order")
+    [failed] = study.get_trials(states=(TrialState.FAIL,))
+    [retry] = [t for t in study.trials if t.user_attrs.get("retry_of") == failed.number]
+    [fresh] = [t for t in study.trials if t.number == 2]
+    assert retry.state == fresh.state == TrialState.COMPLETE
+    assert retry.datetime_start < fresh.datetime_start

@@ -85,6 +85,9 @@ def test_scancel_of_one_task_mid_trial_hands_its_trial_back_at_once_to_resume_th
     [retry] = [t for t in study.trials if t.user_attrs.get("retry_of") == failed.number]
     assert retry.state == TrialState.COMPLETE
     assert retry.user_attrs["resumed_from_step"] == stopped
+    # the other task took the retry before the last fresh trial
+    [fresh] = [t for t in study.trials if t.number == 2]
+    assert retry.datetime_start < fresh.datetime_start
     records = _wait(lambda: (r := job_records(environ, job)) and len(r) == 2 and r, 30,
                     "the job completion records")
     assert records[f"{job}_1"]["JobState"] == "CANCELLED"

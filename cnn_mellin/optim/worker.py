@@ -77,6 +77,7 @@ from cnn_mellin.tasks.base import TrialInterrupted
 _log = logging.getLogger("cnn_mellin.optim")
 
 MAX_CONSECUTIVE_ERRORS = 3
+CLAIM_REFRESH_S = 5.0
 # after SIGTERM, how long a task that stops on request may take to save its step before
 # the worker interrupts it; below SLURM's default KillWait (30 s) between SIGTERM and SIGKILL
 STOP_GRACE_S = 20.0
@@ -223,10 +224,12 @@ class Worker:
             self.study, self.identity, interval, self.settings.heartbeat_grace,
             self.settings.num_trials, self.settings.max_retries,
         )
-        # the list of WAITING trials is long (the budget) and re-read rarely: when it
-        # runs out, after this worker enqueued a retry, or every minute for others' retries
+        # the list of WAITING trials is long (the budget) and re-read at most every few
+        # seconds: when it runs out, after this worker enqueued a retry, and before a claim
+        # when older than CLAIM_REFRESH_S, so that others' retries (a trial handed back by a
+        # preempted worker) are taken before fresh trials
         self.claimer = budget.SlotClaimer(
-            self.study, refresh_s=max(60.0, 6 * interval), seed=self.identity.pid
+            self.study, refresh_s=CLAIM_REFRESH_S, seed=self.identity.pid
         )
         self.monitor.on_enqueue = self.claimer.invalidate
         self.standby = Standby(self.study, self.identity, self.settings.heartbeat_grace)
