@@ -75,11 +75,18 @@ def _ctc_targets(batch_size: int, num_outputs: int, num_classes: int, device) ->
 
 def _training_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, batch_size: int,
                    num_frames: int, num_coeffs: int, dtype: torch.dtype, device: torch.device,
-                   ctc: Callable, autocast_dtype: torch.dtype | None) -> None:
-    """One synthetic step as the trainer takes it: forward, CTC, backward, clip, step."""
+                   ctc: Callable, autocast_dtype: torch.dtype | None,
+                   train: bool = True) -> None:
+    """One synthetic step as the trainer takes it: forward, CTC, backward, clip, step; or
+    (``train=False``) the forward pass of dev scoring, without gradients."""
     feats = torch.randn(batch_size, num_frames, num_coeffs, dtype=dtype, device=device)
     context = (torch.autocast(device.type, dtype=autocast_dtype) if autocast_dtype is not None
                else nullcontext())
+    if not train:
+        model.eval()
+        with torch.no_grad(), context:
+            model(feats, None)
+        return
     with context:
         log_probs, _ = model(feats, None)
     num_outputs = log_probs.shape[0]
@@ -94,7 +101,7 @@ def _training_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, bat
 def measure_peak_bytes(model: torch.nn.Module, batch_size: int, num_frames: int,
                        num_coeffs: int, optimizer_factory: Callable[[Iterable], Any],
                        device: str | torch.device, *,
-                       autocast_dtype: torch.dtype | None = None) -> int:
+                       autocast_dtype: torch.dtype | None = None, train: bool = True) -> int:
     """Peak bytes of one real training step of a copy of ``model`` on ``device``.
 
     ``optimizer_factory(parameters)`` builds the optimiser (e.g. the trainer's
@@ -111,7 +118,7 @@ def measure_peak_bytes(model: torch.nn.Module, batch_size: int, num_frames: int,
         trial.train()
         optimizer = optimizer_factory(trial.parameters())
         _training_step(trial, optimizer, batch_size, num_frames, num_coeffs, dtype, device,
-                       F.ctc_loss, autocast_dtype)
+                       F.ctc_loss, autocast_dtype, train)
 
     if device.type == "cuda":
         torch.cuda.synchronize(device)
@@ -238,12 +245,13 @@ def estimate_peak_bytes(params: Mapping[str, Any], num_coeffs: int, batch_size: 
                         num_frames: int, optimizer_name: str, dtype: torch.dtype = torch.float32,
                         device: str | torch.device = "cuda", *, num_classes: int = 49,
                         momentum: float = 0.9, weight_decay: float = 0.0,
-                        autocast_dtype: torch.dtype | None = None) -> int:
+                        autocast_dtype: torch.dtype | None = None, train: bool = True) -> int:
     """Peak bytes of one training step of the model ``params`` describe, without real tensors.
 
     ``optimizer_name`` is one of the trainer's (adam, adamw, sgd, rmsprop);
     ``momentum`` and ``weight_decay`` as the ``training`` group sets them.
-    Raises ConfigError for invalid model parameters.
+    ``train=False``: the forward pass of dev scoring instead. Raises ConfigError for
+    invalid model parameters.
     """
     from torch._subclasses.fake_tensor import FakeTensorMode
 
@@ -267,5 +275,5 @@ def estimate_peak_bytes(params: Mapping[str, Any], num_coeffs: int, batch_size: 
                 for group in optimizer.param_groups:
                     group["foreach"] = True
             _training_step(model, optimizer, batch_size, num_frames, num_coeffs, dtype, cpu,
-                           _fake_ctc, autocast_dtype)
+                           _fake_ctc, autocast_dtype, train)
     return tracker.peak

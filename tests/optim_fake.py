@@ -3,10 +3,10 @@
 Its value is a smooth function of a few parameters. It runs ``training.num_epochs``
 epochs of ``FAKE_EPOCH_S`` seconds each (environment variable, default 0), writes an
 epoch checkpoint so a retry resumes, and misbehaves on request: optimizer ``sgd`` runs
-out of memory, ``rmsprop`` reports a NaN, ``adamw`` raises the error ``FAKE_ADAMW_ERROR``
-names (``bug``, ``data``, ``config`` or ``longdata``: data this configuration cannot use)
-when that is set. Memory needed:
-``data.batch_size`` MB. It does not import torch, so its worker processes start fast.
+out of memory (message ``FAKE_OOM``), ``rmsprop`` reports a NaN, ``adamw`` raises the
+error ``FAKE_ADAMW_ERROR`` names (``bug``, ``data``, ``config`` or ``longdata``: data this
+configuration cannot use) when that is set. Memory needed: ``data.batch_size`` MB. It
+does not import torch, so its worker processes start fast.
 An epoch is ``FAKE_STEPS`` steps (default 1); the task stops on request after any step,
 checkpointing it (file ``step``), and a retry goes on from there like ``asr`` does.
 """
@@ -98,7 +98,7 @@ class FakeTask(Task):
                         context.record(STOPPED_AT_STEP, step)
                         raise TrialInterrupted(f"stopped at step {step}")
             if optimizer == "sgd":
-                raise MemoryError("fake allocation failure")
+                raise MemoryError(os.environ.get("FAKE_OOM", "fake allocation failure"))
             _write(state, epoch)
             _write(step_file, step)
             if os.environ.get("FAKE_DIE_BEFORE_REPORT") == str(epoch):

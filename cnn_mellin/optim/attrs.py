@@ -24,9 +24,9 @@ RETRY_OF = "retry_of"
 RETRY_COUNT = "retry_count"
 REPLACE_REASON = "replace_reason"
 REPLACE_KIND = "replace_kind"  # the FAIL_KIND of the trial a retry replaces
-INTERRUPT_COUNT = "interrupt_count"  # signals a chain of retries has been stopped by
+INTERRUPT_COUNT = "interrupt_count"  # signals (or neighbours' OOMs) that stopped a chain
 FAIL_REASON = "fail_reason"
-FAIL_KIND = "fail_kind"  # "dead" | "interrupted" | "user" | "error" | "duplicate"
+FAIL_KIND = "fail_kind"  # dead | interrupted | user | neighbour | error | duplicate
 DUPLICATE_OF = "duplicate_of"
 
 # -- study user attributes besides the init settings ---------------------------------------

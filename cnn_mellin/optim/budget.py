@@ -135,16 +135,18 @@ def replace(
     """Enqueue the one replacement of a trial that has just been failed by this process.
 
     ``kind`` ``dead`` (worker died), ``user`` (a user error stopped the worker) and
-    ``interrupted`` (worker stopped by a signal) give a retry with the same parameters and
-    checkpoint folder. Every retry is bounded: ``dead`` and ``user`` count against
-    ``max_retries``, ``interrupted`` against :data:`MAX_INTERRUPTS`. ``error``, or a bound
+    ``interrupted`` (worker stopped by a signal) and ``neighbour`` (out of memory another
+    process on the GPU caused) give a retry with the same parameters and checkpoint folder.
+    Every retry is bounded: ``dead`` and ``user`` count against ``max_retries``,
+    ``interrupted`` and ``neighbour`` against :data:`MAX_INTERRUPTS`. ``error``, or a bound
     reached, gives fresh parameters.
     """
     attrs: dict = {REPLACES: failed.number, REPLACE_REASON: reason, REPLACE_KIND: kind}
     params: dict = {}
     retries = int(failed.user_attrs.get(RETRY_COUNT, 0)) + (kind in ("dead", "user"))
-    interrupts = int(failed.user_attrs.get(INTERRUPT_COUNT, 0)) + (kind == "interrupted")
-    if kind in ("dead", "user", "interrupted") and retries <= max_retries \
+    interrupts = int(failed.user_attrs.get(INTERRUPT_COUNT, 0)) + \
+        (kind in ("interrupted", "neighbour"))
+    if kind in ("dead", "user", "interrupted", "neighbour") and retries <= max_retries \
             and interrupts <= MAX_INTERRUPTS:
         params = dict(failed.params)
         attrs[RETRY_OF] = root_number(failed)

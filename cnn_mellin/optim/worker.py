@@ -40,7 +40,7 @@ from optuna.trial import FrozenTrial, TrialState
 
 from cnn_mellin.config import Config
 from cnn_mellin.errors import ConfigError, UserError
-from cnn_mellin.optim import budget, internals, space
+from cnn_mellin.optim import budget, gpushare, internals, space
 from cnn_mellin.optim.attrs import (
     ADMISSION_BYTES,
     ADMISSION_METHOD,
@@ -102,6 +102,10 @@ class WorkerStopped(BaseException):
 
 class TrialLost(Exception):
     """Another worker took this worker for dead and failed its trial."""
+
+
+class _HandBack(Exception):
+    """Out of memory that another process on the device caused: retry, do not prune."""
 
 
 class _Prune(Exception):
@@ -210,6 +214,12 @@ class Worker:
         self.task.verify()
         self.study.pruner = make_pruner(self.settings, self.task)
         self.device = device
+        # the study's limit caps this process's allocator, so a neighbour's trial keeps its own
+        fraction = gpushare.apply_cap(device, self.settings.mem_limit_bytes)
+        self.cap_bytes = self.settings.mem_limit_bytes if fraction is not None else None
+        if fraction is not None:
+            _log.info("memory of %s capped at %d bytes (%.3f of it)", device, self.cap_bytes,
+                      fraction)
         self.keep_checkpoints = keep_checkpoints
         self._trial_dir: Path | None = None
         self.sampler_name = sampler
@@ -372,6 +382,10 @@ class Worker:
             result = self._attempt(trial, claimed, facts, reported, checkpoint_dir)
         except _Prune as prune:
             return self._finish_pruned(trial, facts, started, prune)
+        except _HandBack as back:
+            _log.warning("trial %d handed back: %s", claimed.number, back)
+            self._fail(trial, claimed, "neighbour", str(back))
+            return "handed back"
         except optuna.TrialPruned as pruned:
             reason = str(pruned) or "pruned by the pruner"
             return self._finish_pruned(trial, facts, started, _Prune("pruner", reason))
@@ -417,7 +431,12 @@ class Worker:
             raise
         except Exception as err:
             if _is_oom(err):
+                back = self._neighbour_oom(err)
                 _free_device_memory()
+                if back is not None:
+                    _log.warning("trial %d handed back: %s", claimed.number, back)
+                    self._fail(trial, claimed, "neighbour", str(back))
+                    return "handed back"
                 return self._finish_pruned(
                     trial, facts, started, _Prune("oom", f"out of memory: {_one_line(err)}",
                                                   self._memory_violation(None)),
@@ -492,7 +511,10 @@ class Worker:
         except Exception as err:
             if not _is_oom(err):
                 raise
+            back = self._neighbour_oom(err)
             _free_device_memory()
+            if back is not None:
+                raise back from None
             raise _Prune(
                 "oom", f"out of memory while measuring admission: {_one_line(err)}",
                 self._memory_violation(None),
@@ -503,14 +525,32 @@ class Worker:
         facts[ADMISSION_METHOD] = figure.method
         if limit is None:
             return
-        violation = self._memory_violation(figure.bytes)
-        if figure.bytes > limit:
+        # on CUDA the allocator reserves more than the peak it hands out
+        needed = gpushare.with_reserve(figure.bytes) if self.device.startswith("cuda") \
+            else figure.bytes
+        violation = self._memory_violation(needed)
+        if needed > limit:
+            reserve = f" + {gpushare.ALLOCATOR_RESERVE:.0%} allocator reserve" \
+                if needed != figure.bytes else ""
             raise _Prune(
                 "memory",
-                f"needs {figure.bytes} bytes ({figure.method}) on {self.device}, over the "
-                f"limit of {limit} bytes", violation,
+                f"needs {figure.bytes} bytes ({figure.method}){reserve} on {self.device}, "
+                f"over the limit of {limit} bytes", violation,
             )
         facts["_constraint"] = violation
+
+    def _neighbour_oom(self, err: BaseException) -> _HandBack | None:
+        """A hand-back if this out-of-memory error came from a device others filled."""
+        if self.cap_bytes is None:
+            return None
+        import torch
+
+        reserved = torch.cuda.memory_reserved(self.device)
+        if not gpushare.caused_by_neighbour(err, reserved, self.cap_bytes):
+            return None
+        return _HandBack(f"out of memory on {self.device} below this worker's cap of "
+                         f"{self.cap_bytes} bytes ({reserved} reserved): another process "
+                         f"filled the device; {_one_line(err)}")
 
     def _memory_violation(self, peak: int | None) -> tuple[str, float] | None:
         limit = self.settings.mem_limit_bytes
@@ -683,9 +723,13 @@ def run_workers(
     """Run ``workers`` worker processes here; returns the worst exit code."""
     if workers < 1:
         raise ConfigError(f"--workers must be at least 1, got {workers}")
-    # fail fast, in this process, on a bad URL, study or folder override
-    overridden(read_settings(load_study(open_storage(db_url), study_name, db_url)), data_dir,
-               checkpoint_dir)
+    # fail fast, in this process, on a bad URL, study or folder override, or too many
+    # workers for a device's memory
+    settings = overridden(read_settings(load_study(open_storage(db_url), study_name, db_url)),
+                          data_dir, checkpoint_dir)
+    devices = worker_devices(device, workers)
+    if device.startswith("cuda"):
+        gpushare.check_sharing(devices, settings.mem_limit_bytes, gpushare.device_total_bytes)
     folders = {"keep_checkpoints": keep_checkpoints, "data_dir": data_dir,
                "checkpoint_dir": checkpoint_dir}
     context = multiprocessing.get_context("spawn")
@@ -697,7 +741,7 @@ def run_workers(
             args=(db_url, study_name, dev, sampler, seed, max_trials, max_outage_s, verbose,
                   threads, folders),
         )
-        for i, dev in enumerate(worker_devices(device, workers))
+        for i, dev in enumerate(devices)
     ]
     for process in processes:
         process.start()

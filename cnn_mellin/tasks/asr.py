@@ -157,33 +157,44 @@ class AsrTask(Task):
         return int(config["training.num_epochs"])
 
     def peak_memory(self, config: Config, device: str) -> MemoryFigure:
-        """Measured on CUDA (one real step on the largest batch), else estimated."""
+        """Measured on CUDA, else estimated: the larger of one training step on the longest
+        batch a trial can see (the longest training utterance lengthened by random shifts)
+        and the dev-scoring forward pass of ``data.eval_batch_size`` such utterances."""
         import torch
 
         from cnn_mellin.memory import estimate_peak_bytes, measure_peak_bytes
+        from cnn_mellin.optim.gpushare import shifted_frames
         from cnn_mellin.training.precision import autocast_dtype
 
-        batch, frames = config["data.batch_size"], int(self.info["max_frames"])
         training = config.group("training")
+        longest = int(self.info["max_frames"])
+        passes = [(True, config["data.batch_size"],
+                   shifted_frames(longest, training["random_shift_proportion"]))]
+        eval_batch = config["data.eval_batch_size"]
+        if eval_batch > config["data.batch_size"]:  # else the step's forward pass is larger
+            passes.append((False, eval_batch, longest))
         cuda = device.startswith("cuda") and torch.cuda.is_available()
         autocast = autocast_dtype(training, device) if cuda else None
-        if cuda:
-            from cnn_mellin.model import AcousticModel
-            from cnn_mellin.training import optimizer_from_params
+        peaks = []
+        for train, batch, frames in passes:
+            if cuda:
+                from cnn_mellin.model import AcousticModel
+                from cnn_mellin.training import optimizer_from_params
 
-            model = AcousticModel(config.group("model"), self.num_coeffs)
-            peak = measure_peak_bytes(
-                model, batch, frames, self.num_coeffs,
-                lambda params: optimizer_from_params(params, training), device,
-                autocast_dtype=autocast,
-            )
-            return MemoryFigure(int(peak), "measured")
-        peak = estimate_peak_bytes(
-            config.group("model"), self.num_coeffs, batch, frames, training["optimizer"],
-            device="cuda" if device.startswith("cuda") else "cpu",
-            momentum=training["momentum"], weight_decay=training["weight_decay"],
-        )
-        return MemoryFigure(int(peak), "estimated")
+                model = AcousticModel(config.group("model"), self.num_coeffs)
+                peaks.append(measure_peak_bytes(
+                    model, batch, frames, self.num_coeffs,
+                    lambda params: optimizer_from_params(params, training), device,
+                    autocast_dtype=autocast, train=train,
+                ))
+            else:
+                peaks.append(estimate_peak_bytes(
+                    config.group("model"), self.num_coeffs, batch, frames,
+                    training["optimizer"], device="cuda" if device.startswith("cuda") else "cpu",
+                    momentum=training["momentum"], weight_decay=training["weight_decay"],
+                    train=train,
+                ))
+        return MemoryFigure(int(max(peaks)), "measured" if cuda else "estimated")
 
     def discard(self, checkpoint_dir: Path) -> int:
         """The resume state ``last.pt`` (the largest file: optimiser state too); the trained
