@@ -597,7 +597,8 @@ def test_a_busy_worker_takes_anothers_retry_before_fresh_trials(tmp_path):
     url = _journal(tmp_path)
     fake_study(url, tmp_path, name="order", num_trials=3, whitelist=["training.learning_rate"],
                base={"training.num_epochs": 2}, heartbeat_interval=10.0)
-    workers = [start_worker(url, "order", FAKE_EPOCH_S=3, FAKE_STEPS=20) for _ in range(2)]
+    # 12-s trials: the handed-back retry is there well before the other worker's next claim
+    workers = [start_worker(url, "order", FAKE_EPOCH_S=6, FAKE_STEPS=20) for _ in range(2)]
     deadline = time.monotonic() + 60
     while len(list((tmp_path / "ckpt" / "order").glob("*/trial-*/step"))) < 2:
         assert time.monotonic() < deadline
