@@ -8,7 +8,8 @@ error ``FAKE_ADAMW_ERROR`` names (``bug``, ``data``, ``config`` or ``longdata``:
 configuration cannot use) when that is set. Memory needed: ``data.batch_size`` MB. It
 does not import torch, so its worker processes start fast.
 An epoch is ``FAKE_STEPS`` steps (default 1); the task stops on request after any step,
-checkpointing it (file ``step``), and a retry goes on from there like ``asr`` does.
+checkpointing it (file ``step``), and a retry goes on from there like ``asr`` does. With
+``FAKE_RUN_LOG`` set, every run appends a line to that file (the scale bench counts them).
 """
 
 from __future__ import annotations
@@ -78,6 +79,9 @@ class FakeTask(Task):
         if error == "longdata":
             raise DataConfigError("fake utterances longer than the model's outputs")
         context.checkpoint_dir.mkdir(parents=True, exist_ok=True)
+        if os.environ.get("FAKE_RUN_LOG"):  # one line per run: "pid trial checkpoint-folder"
+            with open(os.environ["FAKE_RUN_LOG"], "a") as log:
+                log.write(f"{os.getpid()} {context.trial_number} {context.checkpoint_dir.name}\n")
         state = context.checkpoint_dir / "epoch"
         start = int(state.read_text()) if state.exists() else 0
         steps = int(os.environ.get("FAKE_STEPS", "1"))
