@@ -88,11 +88,11 @@ for epoch in range(start + 1, epochs + 1):
     if mode == "nokey":
         del line["dev_per"]
     text = "this is not json" if mode == "garbage" else json.dumps(line)
+    out.write(text + "\n")  # the metrics line first, then the checkpoint, as scripts do
+    out.flush()
     with open(ckpt + ".tmp", "w") as f:
         f.write(str(epoch))
     os.replace(ckpt + ".tmp", ckpt)
-    out.write(text + "\n")
-    out.flush()
 '''
 
 
@@ -430,3 +430,27 @@ def test_the_guard_started_from_a_shell_stops_only_its_own_session():
         capture_output=True, text=True, timeout=60, start_new_session=True, env=env(),
     )
     assert caller.returncode == 0 and "caller alive" in caller.stdout, caller
+
+
+def test_a_retry_reports_what_the_killed_attempt_wrote_but_never_reported(tmp_path, script):
+    # a worker killed after the script wrote epoch 2's line (and checkpoint) but before the
+    # worker read it: the retry, resuming at epoch 3, reports epoch 2 from that attempt's file
+    from cnn_mellin.optim.study import read_settings
+    from cnn_mellin.tasks import TrialContext
+
+    url = str(tmp_path / "s.journal")
+    command_study(url, tmp_path, script, num_trials=1, base={"script.epochs": 4})
+    task = read_settings(load(url, "cmd")).build_task()
+    trial_dir = tmp_path / "ckpt" / "trial-0"
+    (trial_dir / "attempt-0").mkdir(parents=True)
+    (trial_dir / "attempt-0" / "metrics.jsonl").write_text(
+        '{"epoch": 1, "dev_per": 0.9}\n{"epoch": 2, "dev_per": 0.8}\n')
+    (trial_dir / "checkpoint").mkdir()
+    (trial_dir / "checkpoint" / "epoch").write_text("2")
+    reported = []
+    context = TrialContext(device="cpu", checkpoint_dir=trial_dir, num_data_workers=0,
+                           report=lambda epoch, value: reported.append(epoch), trial_number=5)
+    result = task.run(task.config({"script.x": 0.3, "script.epochs": 4}), context)
+    assert reported == [1, 2, 3, 4]
+    assert result.resumed_from_epoch == 2 and result.epochs == 4
+    assert result.value == pytest.approx(1 / 4)

@@ -550,6 +550,7 @@ class CommandTask(Task):
         context.record("command_log", str(log))
         context.record("command_line", line)
         grace = float(self.info.get("stop_grace", 10.0))
+        earlier = self._earlier_values(context)
         reader = _MetricsReader(metrics, self.info["metric"])
         with open(log, "wb") as out:
             process = subprocess.Popen(
@@ -571,25 +572,45 @@ class CommandTask(Task):
                 context.record_peak(peak[0], peak[1])
         if code != 0:
             self._failed(code, log)
-        if not reader.values:
+        if not reader.values and not earlier:
             seen = ", ".join(sorted(reader.keys)) or "none"
             raise PruneTrial(
                 f"no metrics line had the key {self.info['metric']!r} (lines: {reader.lines}, "
                 f"keys seen: {seen}); the script writes them to $CNN_MELLIN_METRICS",
                 "metrics",
             )
-        reported = [value for _, value in reader.values]
+        steps = dict(earlier)
+        steps.update(reader.values)  # a resumed script may report an epoch again
+        reported = [steps[step] for step in sorted(steps)]
         if self.info.get("objective") == "best":
             value = min(reported) if self.direction == "minimize" else max(reported)
         else:
             value = reported[-1]
-        first = reader.values[0][0]
+        first = reader.values[0][0] if reader.values else max(steps) + 1
         return TaskResult(
-            value=value, epochs=reader.values[-1][0], peak_bytes=peak[0] or None,
-            peak_method=peak[1],
+            value=value, epochs=max(steps), peak_bytes=peak[0] or None, peak_method=peak[1],
             resumed_from_epoch=first - 1 if first > 1 else None,
             attrs={"command_exit": code},
         )
+
+    def _earlier_values(self, context: TrialContext) -> list[tuple[int, float]]:
+        """Report again what earlier attempts of this trial wrote (a worker killed between
+        the script's line and its own report lost it); returns those (step, value)."""
+        values: dict[int, float] = {}
+        attempts = sorted(
+            (int(d.name.split("-", 1)[1]), d) for d in context.checkpoint_dir.glob("attempt-*")
+            if d.name.split("-", 1)[1].isdigit() and d.name != f"attempt-{context.trial_number}"
+        )
+        for _, folder in attempts:
+            reader = _MetricsReader(folder / "metrics.jsonl", self.info["metric"])
+            try:
+                reader.read(final=True)
+            except PruneTrial:  # that attempt's own problem; keep what it reported before
+                pass
+            values.update(reader.values)
+        for step in sorted(values):
+            context.report(step, values[step])
+        return sorted(values.items())
 
     def _environment(self, context, state: Path, metrics: Path, params_file: Path) -> dict:
         env = dict(os.environ)
