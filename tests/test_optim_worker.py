@@ -612,3 +612,51 @@ def test_a_busy_worker_takes_anothers_retry_before_fresh_trials(tmp_path):
     [fresh] = [t for t in study.trials if t.number == 2]
     assert retry.state == fresh.state == TrialState.COMPLETE
     assert retry.datetime_start < fresh.datetime_start
+
+
+def _taken_for_dead(study, trial_id):
+    """What another worker does to a trial it takes for dead."""
+    budget.fail_and_replace(study, study._storage.get_trial(trial_id), "dead", "taken for dead",
+                            max_retries=2)
+
+
+def test_a_trial_taken_for_dead_while_it_is_sampled_is_dropped(tmp_path, monkeypatch):
+    # found by bench/scale_faults.py on a loaded box: UpdateFinishedTrialError from the
+    # sampling counted as a trial error, three of them stopped the worker with exit 1
+    from cnn_mellin.optim import worker as worker_module
+
+    url = _journal(tmp_path)
+    fake_study(url, tmp_path, num_trials=2, whitelist=["training.learning_rate"])
+    original, calls = worker_module.space.suggest, []
+
+    def suggest(trial, searched, params):
+        if not calls:
+            _taken_for_dead(load(url, "fake"), trial._trial_id)
+        calls.append(trial.number)
+        return original(trial, searched, params)
+
+    monkeypatch.setattr(worker_module.space, "suggest", suggest)
+    summary = run_worker(url, "fake")
+    assert summary.exit_code == 0 and summary.outcomes == {"lost": 1, "complete": 2}
+    assert states(load(url, "fake")) == {"COMPLETE": 2, "FAIL": 1}
+
+
+def test_a_trial_taken_for_dead_just_before_it_is_told_is_dropped(tmp_path, monkeypatch):
+    # found by bench/scale_faults.py: Optuna 5's "Cannot tell a FAIL trial." (ValueError)
+    # ended the worker with a traceback
+    from cnn_mellin.optim.worker import Worker
+
+    url = _journal(tmp_path)
+    fake_study(url, tmp_path, num_trials=2, whitelist=["training.learning_rate"])
+    original, calls = Worker._write_facts, []
+
+    def write_facts(self, trial, facts):
+        original(self, trial, facts)
+        if not calls:
+            _taken_for_dead(self.study, trial._trial_id)
+        calls.append(trial.number)
+
+    monkeypatch.setattr(Worker, "_write_facts", write_facts)
+    summary = run_worker(url, "fake")
+    assert summary.exit_code == 0 and summary.outcomes == {"lost": 1, "complete": 2}
+    assert states(load(url, "fake")) == {"COMPLETE": 2, "FAIL": 1}

@@ -397,7 +397,7 @@ class Worker:
             )
         except PruneTrial as pruned:
             return self._finish_pruned(trial, facts, started, _Prune(pruned.kind, pruned.reason))
-        except TrialLost:
+        except (TrialLost, UpdateFinishedTrialError):  # e.g. while its parameters are sampled
             _log.warning("trial %d was failed by another worker (taken for dead); dropped",
                          claimed.number)
             return "lost"
@@ -607,8 +607,10 @@ class Worker:
             _log.warning("trial %d was failed by another worker meanwhile; result dropped",
                          trial.number)
             return "lost"
-        except RuntimeError as err:
-            if "finished" not in str(err):
+        except (RuntimeError, ValueError) as err:
+            # Optuna 5 says "Cannot tell a FAIL trial." (a ValueError), earlier ones a
+            # RuntimeError naming the trial as finished
+            if "finished" not in str(err) and "Cannot tell a" not in str(err):
                 raise
             _log.warning("trial %d was finished by another worker meanwhile", trial.number)
             return "lost"
