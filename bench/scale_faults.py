@@ -46,6 +46,7 @@ sys.path.insert(0, str(ROOT))
 PG_ADMIN = dict(host="127.0.0.1", port=5432, user="postgres")
 MY_ADMIN = dict(host="127.0.0.1", port=3306, user="root", password="")
 LIMIT = 48_000_000  # the fake task needs data.batch_size MB: larger batches are pruned
+HEARTBEAT_S = 2.0  # a dead local worker is noticed within one interval (its pid is gone)
 
 
 def _env(run_log: Path, epoch_s: float) -> dict:
@@ -154,7 +155,7 @@ def run_one(kind: str, workers: int, trials: int, epoch_s: float, seed: int) -> 
                         url, "init", str(tmp / "data"), "--task", "tests.optim_fake:FakeTask",
                         "--whitelist", "training.learning_rate", "data.batch_size",
                         "--num-trials", str(trials), "--mem-limit-bytes", str(LIMIT),
-                        "--pruner", "none", "--heartbeat-interval", "1",
+                        "--pruner", "none", "--heartbeat-interval", str(HEARTBEAT_S),
                         "--checkpoint-dir", str(tmp / "ckpt"), env=env),
                    check=True, env=env, capture_output=True, cwd=tmp)
     facts: dict = {"storage": kind, "workers": workers, "trials": trials, "epoch_s": epoch_s}
@@ -186,9 +187,10 @@ def run_one(kind: str, workers: int, trials: int, epoch_s: float, seed: int) -> 
                 for p in victims:
                     p.send_signal(signal.SIGKILL)
                     killed.append(p.pid)
-                procs += [start(workers + i) for i in range(len(victims))]
-                facts["killed_at_done"] = done
-                phase = "restart" if kind != "journal" else "done"
+                if victims:  # else every worker was between trials: look again
+                    procs += [start(workers + i) for i in range(len(victims))]
+                    facts["killed_at_done"] = done
+                    phase = "restart" if kind != "journal" else "done"
             elif phase == "restart" and done >= trials // 2:
                 complete_before_restart = {t.number for t in _trials(url)
                                            if t.state == TrialState.COMPLETE}
