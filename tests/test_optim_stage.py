@@ -93,3 +93,19 @@ def test_bad_stage_arguments_are_one_line_errors_and_write_nothing(cli, parent, 
     assert code == 2 and err.count("\n") == 1 and message in err, err
     assert not (tmp_path / "conf").exists() or not list((tmp_path / "conf").iterdir())
     assert "x" not in [s.study_name for s in load(url, "sm")._storage.get_all_studies()]
+
+
+def test_stage_keeps_only_parameters_that_can_matter_with_the_carried_configuration(parent):
+    # found by the recipe on SLURM: the top two of a training stage were momentum and the
+    # final learning-rate ratio, both inactive once adam and a constant schedule were carried,
+    # so init refused an empty whitelist; stage now takes the next ones in the ranking
+    from cnn_mellin.config import Config
+    from cnn_mellin.optim.stage import _active
+
+    url, _ = parent
+    settings = read_settings(load(url, "sm"))
+    carried = Config({**settings.base_config, "training.optimizer": "adam"})
+    names = ["training.momentum", "training.learning_rate", "data.batch_size"]
+    assert _active(settings, carried, names) == {"training.learning_rate", "data.batch_size"}
+    sgd = carried.replace({"training.optimizer": "sgd"})
+    assert _active(settings, sgd, names) == set(names)

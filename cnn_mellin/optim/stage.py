@@ -12,6 +12,7 @@ longer searches (``status`` and ``report`` show it).
 
 from __future__ import annotations
 
+import logging
 import os
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -20,6 +21,7 @@ from typing import Any
 
 from cnn_mellin.config import Config, write_text_atomic
 from cnn_mellin.errors import ConfigError
+from cnn_mellin.optim import space
 from cnn_mellin.optim.attrs import LINEAGE
 from cnn_mellin.optim.best import best_text
 from cnn_mellin.optim.importance import rank, select
@@ -31,6 +33,8 @@ from cnn_mellin.optim.study import (
     init_study,
     read_settings,
 )
+
+_log = logging.getLogger("cnn_mellin.optim")
 
 
 @dataclass(frozen=True)
@@ -63,10 +67,6 @@ def run_stage(
     parent = load_study(open_storage(db_url), from_study, db_url)
     settings = read_settings(parent)
     ranked = rank(parent, settings, evaluator)
-    kept = select(ranked, top_k, threshold)
-    if not kept:
-        raise ConfigError(f"--threshold {threshold} keeps no parameter of {from_study}")
-    params_text = "".join(f"{name}\n" for name in kept)
     ini_text = best_text(parent, settings, settings.build_task(), independent=independent)
     conf_dir = Path(conf_dir)
     params_path, ini_path = conf_dir / f"{to_study}.params", conf_dir / f"{to_study}.ini"
@@ -77,7 +77,15 @@ def run_stage(
     write_text_atomic(pending, ini_text)
     try:
         config = Config.from_ini([pending, *read_ini], groups=groups)
-        new = build(config, params_text.split())
+        # a parameter that cannot matter with the carried configuration (momentum once
+        # adam was carried) would be dropped by init: keep the next one in the ranking
+        active = _active(settings, config, [name for name, _ in ranked])
+        kept = select([(n, v) for n, v in ranked if n in active], top_k, threshold)
+        if not kept:
+            raise ConfigError(f"--threshold {threshold} keeps no parameter of {from_study} "
+                              "that can matter with its best configuration")
+        params_text = "".join(f"{name}\n" for name in kept)
+        new = build(config, kept)
     except BaseException:
         pending.unlink(missing_ok=True)
         raise
@@ -95,6 +103,23 @@ def run_stage(
     if study.user_attrs.get(LINEAGE) != lineage:
         study.set_user_attr(LINEAGE, lineage)
     return StageResult(params_path, ini_path, result, lineage)
+
+
+def _active(settings: StudySettings, config: Config, names: list[str]) -> set[str]:
+    """The ``names`` that can matter in ``config`` (as init decides), warning about the rest."""
+    task = settings.build_task()
+    base = dict(task.config({k: v for k, v in config.items() if k in task.params()}))
+    active = set()
+    for name in names:
+        try:
+            selection = space.select(base, task.num_coeffs, task.params(), whitelist=[name])
+        except ConfigError:
+            selection = None
+        if selection is not None and name in selection.names:
+            active.add(name)
+        else:
+            _log.warning("not keeping %s: it cannot matter with the carried configuration", name)
+    return active
 
 
 def lineage_lines(lineage: Any) -> list[str]:
