@@ -129,8 +129,11 @@ def test_four_workers_one_killed_budget_exact_and_resumed(kind, tmp_path, reques
     else:
         url = request.getfixturevalue("pg_db" if kind == "postgresql" else "my_db")[0]
     epochs = 6
+    # the killed worker is seen dead at once (same machine, its pid is gone); a long grace
+    # keeps the living ones, whose heartbeat threads a loaded 2-core box can starve for
+    # seconds, from being taken for dead
     _asr_study(url, tmp_path, name="live", num_trials=5, config=tiny_config(num_epochs=epochs),
-               data=write_store(tmp_path / "train", 24, seed=0))
+               data=write_store(tmp_path / "train", 24, seed=0), heartbeat_grace=30.0)
     workers = [start_worker(url, "live") for _ in range(4)]
     watched = load(url, "live")
     deadline = time.monotonic() + 240
