@@ -660,3 +660,26 @@ def test_a_trial_taken_for_dead_just_before_it_is_told_is_dropped(tmp_path, monk
     summary = run_worker(url, "fake")
     assert summary.exit_code == 0 and summary.outcomes == {"lost": 1, "complete": 2}
     assert states(load(url, "fake")) == {"COMPLETE": 2, "FAIL": 1}
+
+
+def test_a_trial_taken_for_dead_as_it_is_claimed_is_dropped(tmp_path, monkeypatch):
+    # found by bench/scale_faults.py on the journal: the worker's identity write raised
+    # UpdateFinishedTrialError and ended the worker with a traceback
+    from cnn_mellin.optim.worker import Worker
+
+    url = _journal(tmp_path)
+    fake_study(url, tmp_path, num_trials=2, whitelist=["training.learning_rate"])
+    worker = Worker(url, "fake")
+    original, calls = worker.claimer.claim, []
+
+    def claim():
+        claimed = original()
+        if claimed is not None and not calls:
+            _taken_for_dead(worker.study, claimed._trial_id)
+        calls.append(claimed)
+        return claimed
+
+    monkeypatch.setattr(worker.claimer, "claim", claim)
+    summary = worker.run()
+    assert summary.exit_code == 0 and summary.outcomes == {"lost": 1, "complete": 2}
+    assert states(load(url, "fake")) == {"COMPLETE": 2, "FAIL": 1}

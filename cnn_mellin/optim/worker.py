@@ -339,9 +339,14 @@ class Worker:
     def run_trial(self, claimed: FrozenTrial) -> str:
         """Run one claimed (RUNNING) trial to its end; returns the outcome's name."""
         trial_id = internals.trial_id(claimed)
-        internals.storage(self.study).set_trial_user_attr(
-            trial_id, WORKER_ATTR, self.identity.to_attr()
-        )
+        try:
+            internals.storage(self.study).set_trial_user_attr(
+                trial_id, WORKER_ATTR, self.identity.to_attr()
+            )
+        except UpdateFinishedTrialError:  # taken for dead before it was even started
+            _log.warning("trial %d was failed by another worker as it was claimed; dropped",
+                         claimed.number)
+            return "lost"
         self.monitor.own(trial_id)
         self._trial_dir = None
         try:
