@@ -11,8 +11,10 @@ def register(commands) -> None:
         help="train one acoustic model with CTC",
         description="Train the acoustic model of the effective configuration with CTC on the "
         "HDF5 features in DATA_DIR, scoring the 39-phone error rate on DEV_DIR after every "
-        "epoch. MODEL_DIR gets model.pt (the best epoch by dev error) and last.pt (resume "
-        "checkpoint, written every epoch): running the same command again resumes.",
+        "epoch. MODEL_DIR gets model.pt (the best epoch by dev error), last.pt (the resume "
+        "checkpoint, written every epoch; running the same command again resumes) and "
+        "metrics.jsonl (one JSON line per epoch: losses, dev PER, learning rate, gradient "
+        "norms, skipped steps, seconds, peak memory; pandas.read_json(path, lines=True)).",
     )
     parser.add_argument("data_dir", metavar="DATA_DIR", help="training partition (holds feats.h5)")
     parser.add_argument(
