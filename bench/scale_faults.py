@@ -191,7 +191,11 @@ def run_one(kind: str, workers: int, trials: int, epoch_s: float, seed: int) -> 
                     procs += [start(workers + i) for i in range(len(victims))]
                     facts["killed_at_done"] = done
                     phase = "restart" if kind != "journal" else "done"
-            elif phase == "restart" and done >= trials // 2:
+            elif phase == "restart" and done >= trials // 2 and all(
+                    "cnn_mellin.optim INFO: trial" in (tmp / f"worker-{i}.log").read_text()
+                    for i in range(len(procs))):
+                # every worker has been through a trial: one starting while the server is
+                # away fails fast by design ("cannot connect", exit 2)
                 complete_before_restart = {t.number for t in _trials(url)
                                            if t.state == TrialState.COMPLETE}
                 facts["restart_at_done"] = done

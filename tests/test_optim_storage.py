@@ -197,3 +197,18 @@ def test_storage_rides_out_a_cut_connection(kind, request):
         assert outage_recoveries(storage) == 1
     finally:
         proxy.close()
+
+
+def test_a_server_going_away_while_the_storage_is_set_up_is_a_one_line_error(monkeypatch):
+    # found by bench/scale_faults.py: a worker starting while MariaDB restarted ended with
+    # Optuna's StorageInternalError traceback (its setup commit lost the connection)
+    def refused(*args, **kwargs):
+        try:
+            raise ConnectionRefusedError(111, "Connection refused")
+        except ConnectionRefusedError as cause:
+            raise optuna.exceptions.StorageInternalError("An exception is raised during the "
+                                                         "commit.") from cause
+
+    monkeypatch.setattr(optuna.storages, "RDBStorage", refused)
+    with pytest.raises(StorageError, match=r"^cannot connect to sqlite:///.*Connection refused"):
+        open_storage("sqlite:///unused.db", create=True)

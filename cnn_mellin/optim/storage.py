@@ -245,6 +245,9 @@ def open_storage(
             storage = optuna.storages.RDBStorage(url, engine_kwargs=_engine_kwargs(url))
     except sqlalchemy.exc.SQLAlchemyError as err:
         raise StorageError(f"cannot connect to {spec.display}: {_short_reason(err)}") from None
+    except optuna.exceptions.StorageInternalError as err:  # the server went away mid-setup
+        reason = _short_reason(err.__cause__ or err)
+        raise StorageError(f"cannot connect to {spec.display}: {reason}") from None
     except (ImportError, ModuleNotFoundError) as err:
         raise StorageError(f"no database driver for {spec.display}: {err}") from None
     except RuntimeError as err:  # Optuna's schema-version check
