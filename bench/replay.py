@@ -282,7 +282,9 @@ def _stage(study: optuna.Study, proposer: _Proposer, spec: Spec, max_epochs: int
             trial, curve, epoch = state["trial"], state["curve"], state["epoch"]
             trial.report(curve.per[epoch - 1], epoch)
             last = min(max_epochs, len(curve.per))
-            if trial.should_prune() or epoch == len(curve.per) < max_epochs:
+            # a curve that ends early diverged (pruned), unless training stopped it early
+            if trial.should_prune() or (
+                    epoch == len(curve.per) < max_epochs and curve.status != "done"):
                 study.tell(trial, state=TrialState.PRUNED)
                 outcome, value = "pruned", None
             elif epoch >= last:

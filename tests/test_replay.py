@@ -112,6 +112,16 @@ def test_fewer_epochs_per_trial_cost_and_score_only_those_epochs():
     assert (by_config[2].value, by_config[2].end - by_config[2].start) == (0.4, 2.0)
 
 
+def test_early_stopped_training_completes_and_divergence_is_pruned():
+    stopped = _curve(5, (0.9, 0.6), (2.0, 2.0))  # "done" after 2 of 3 epochs
+    table = _table(stopped, DIVERGED)
+    run = _sim(table, Spec(workers=1, seed_base=True), first=[5, 4])
+    by_config = {r.config_id: r for r in run.trials}
+    assert (by_config[5].state, by_config[5].value, by_config[5].epochs) == ("complete", 0.6, 2)
+    assert (by_config[4].state, by_config[4].epochs) == ("pruned", 1)
+    assert run.compute == 11.0
+
+
 def test_compute_budget_stops_new_trials_but_lets_running_ones_finish():
     table = _table(GOOD, BAD, FAST)
     run = _sim(table, Spec(workers=1, seed_base=True), first=[1, 0, 2], stop_compute=20.0)
