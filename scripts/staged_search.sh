@@ -1,17 +1,21 @@
 #!/usr/bin/env bash
 # The main job, end to end on one machine: set up .venv, speak the synthetic corpus, prepare
 # fbank features, then the staged search of the reference recipe on the embedded store:
-#   1. model-<type>-sm: random search over the model parameters (small models, few epochs),
-#   2. important --top-k and best --independent carry the winners into
-#   3. model-<type>-lg: TPE search over just the top parameters, from that .ini,
+#   1. model-<type>-sm: random search over the model parameters, the base configuration
+#      first, poor trials pruned at half their epochs (hyperband),
+#   2. optim stage (= important --top-k, best, init): carries the best configuration and
+#      the top parameters into
+#   3. model-<type>-lg: TPE search over just the top parameters, longer trials, the carried
+#      configuration first,
 #   4. best: the final configuration.
-# Minutes on a 2-core CPU. Re-running it is cheap: finished steps are no-ops.
+# About 13 minutes on a quiet 2-core CPU (docs/benchmarks.md). Re-running it is cheap:
+# finished steps are no-ops.
 # Environment: MODEL_TYPE (mcorr|lcorr, default mcorr), DB_URL (default: the embedded store,
 # EXP/optim/studies.journal when EXP is set),
-# WORKERS (local worker processes, default 2), SM_TRIALS (10), LG_TRIALS (4), TOP_K (3),
-# MEM_LIMIT (bytes, default 5e8), UTTERANCES (training utterances spoken, default 200),
+# WORKERS (local worker processes, default 2), SM_TRIALS (6), LG_TRIALS (2), TOP_K (3),
+# MEM_LIMIT (bytes, default 1e9), UTTERANCES (training utterances spoken, default 600),
 # DATA (corpus and features, default data/synth), EXP (outputs, default exp),
-# EXTRA_INI (an .ini read after conf/optim/demo.ini, e.g. fewer epochs; default none),
+# EXTRA_INI (an .ini read last in both stages, e.g. fewer epochs; default none),
 # SEED (seeds the samplers, so that a run can be repeated; default unseeded).
 set -euo pipefail
 # absolute before the cd below, so that the caller's relative paths keep their meaning
@@ -38,14 +42,14 @@ else
   db_url=${DB_URL:-default}
 fi
 workers=${WORKERS:-2}
-sm_trials=${SM_TRIALS:-10}
-lg_trials=${LG_TRIALS:-4}
+sm_trials=${SM_TRIALS:-6}
+lg_trials=${LG_TRIALS:-2}
 top_k=${TOP_K:-3}
 # Peak bytes of one training step on the largest batch that a trial may need: configurations
 # above it are pruned before training (as the recipe's GPU limits do on a cluster), which keeps
-# the largest, slowest random models out of a CPU demo.
-mem_limit=${MEM_LIMIT:-500000000}
-utterances=${UTTERANCES:-200}
+# the largest, slowest random models out of a CPU demo (the base configuration needs 6.9e8).
+mem_limit=${MEM_LIMIT:-1000000000}
+utterances=${UTTERANCES:-600}
 conf=$exp/conf
 mkdir -p "$conf"
 
@@ -65,21 +69,20 @@ cnn-mellin \
   optim --study-name "$sm" "$db_url" \
     init "$data/$feature/train" \
       --blacklist 'training.*' 'data.*' 'model.convolutional_mellin' \
-      --num-trials "$sm_trials" --pruner none --mem-limit-bytes "$mem_limit" \
+      --num-trials "$sm_trials" --pruner hyperband --mem-limit-bytes "$mem_limit" \
       --checkpoint-dir "$exp/optim/checkpoints/$sm"
 cnn-mellin "${seed[@]}" optim --study-name "$sm" "$db_url" run --sampler random --workers "$workers"
 
-echo "== carrying the top $top_k parameters and the best settings into $lg" >&2
-cnn-mellin optim --study-name "$sm" "$db_url" important --top-k="$top_k" "$conf/$lg.params"
-cnn-mellin optim --study-name "$sm" "$db_url" best --independent "$conf/$lg.ini"
-
-echo "== stage lg: $lg ($lg_trials TPE trials)" >&2
-cnn-mellin --read-ini "$conf/$lg.ini" --device cpu \
+# the best trial's configuration (not --independent): the lg stage's first trial is then the
+# sm winner itself, trained longer (conf/optim/demo-lg.ini), so the final best can only gain
+echo "== carrying the top $top_k parameters and the best configuration into $lg" >&2
+cnn-mellin --read-ini conf/optim/demo-lg.ini "${extra_ini[@]}" --device cpu \
   optim --study-name "$lg" "$db_url" \
-    init "$data/$feature/train" \
-      --whitelist $(cat "$conf/$lg.params") \
+    stage "$sm" "$data/$feature/train" --top-k "$top_k" --conf-dir "$conf" \
       --num-trials "$lg_trials" --mem-limit-bytes "$mem_limit" \
       --checkpoint-dir "$exp/optim/checkpoints/$lg"
+
+echo "== stage lg: $lg ($lg_trials TPE trials)" >&2
 cnn-mellin "${seed[@]}" optim --study-name "$lg" "$db_url" run --sampler tpe --workers "$workers"
 
 cnn-mellin optim --study-name "$lg" "$db_url" best "$conf/$lg-best.ini"

@@ -19,11 +19,13 @@ pytestmark = pytest.mark.slow
 @pytest.mark.skipif(not (ROOT / ".venv" / "bin" / "cnn-mellin").exists(),
                     reason="the main job runs from .venv (bash scripts/setup.sh makes it)")
 def test_staged_search_end_to_end(tmp_path):
-    # Small enough for CI, large enough that some sm trials leave CTC's all-blank phase (a
-    # stage whose trials all score PER 1.0 has nothing to rank, and stops with that error);
-    # the seed fixes which models the random stage draws.
+    # Small enough for CI: 60 utterances, 3 epochs of batches of 2, and a base configuration
+    # small enough to leave CTC's all-blank phase in those 80 steps, so that the sm stage has
+    # something to rank whatever the random draws (a stage whose trials all score PER 1.0 stops
+    # with that error); the seed fixes which models the random stage draws.
     fast = tmp_path / "fast.ini"
-    fast.write_text("[training]\nnum_epochs = 4\nwarmup_epochs = 0.25\n")
+    fast.write_text("[training]\nnum_epochs = 3\n[data]\nbatch_size = 2\n"
+                    "[model]\nconvolutional_layers = 0\nrecurrent_layers = 0\n")
     journal = tmp_path / "exp" / "optim" / "studies.journal"  # the default under EXP
     env = {
         **{k: v for k, v in os.environ.items() if k != "DB_URL"},
@@ -42,7 +44,7 @@ def test_staged_search_end_to_end(tmp_path):
     top = (conf / f"{lg}.params").read_text().split()
     assert len(top) == 2 and all(name.startswith("model.") for name in top)
     carried = read_ini(conf / f"{lg}.ini")
-    assert carried["training.num_epochs"] == 4  # the extra .ini reached both stages
+    assert carried["training.num_epochs"] == 3  # the extra .ini reached both stages
     best = read_ini(conf / f"{lg}-best.ini")
     assert set(best) == set(carried)
 
@@ -55,11 +57,17 @@ def test_staged_search_end_to_end(tmp_path):
         counts = status(name)["counts"]
         assert counts["done"] == counts["complete"] + counts["pruned"] == trials, counts
         assert counts["complete"] >= 1 and counts["fail"] == 0, counts
-    # the lg stage tried the carried configuration first
+    # the lg stage tried its base first: the carried configuration, then demo-lg.ini and
+    # EXTRA_INI (read after it in both stages)
     study = load(str(journal), lg)
-    searched = read_settings(study).searched  # the top ones that can matter given the .ini
+    settings = read_settings(study)
+    searched = settings.searched  # the top ones that can matter given the .ini
     assert searched and set(searched) <= set(top)
-    assert study.trials[0].params == {name: carried[name] for name in searched}
+    base = settings.config()
+    assert study.trials[0].params == {name: base[name] for name in searched}
+    assert all(base[name] == carried[name] for name in carried
+               if not name.startswith(("model.convolutional_layers", "model.recurrent_layers",
+                                       "data.batch_size")))
     report = tmp_path / "exp" / "report" / lg
     assert (report / "trials.csv").exists() and (report / "index.html").exists()
 

@@ -19,18 +19,25 @@ from tests.optim_helpers import load
 EPOCHS = 9
 GOOD = [0.9, 0.7, 0.5, 0.4, 0.3, 0.25, 0.2, 0.18, 0.16]
 BAD = [v + 0.08 for v in GOOD]
+# in CTC's all-blank phase for three epochs, then better than GOOD: what a large model does
+LATE = [1.0, 1.0, 1.0, 0.35, 0.28, 0.22, 0.19, 0.17, 0.15]
+# GOOD until its last epoch, which is worse than every GOOD epoch from the third on
+LAST_WORSE = GOOD[:-1] + [0.6]
 NUM_GOOD = 12
 NUM_BAD = 6
 RUN_ORDER: list[int] = []  # trial numbers in the order they ran (one in-process worker)
 
 
 class CurveTask(FakeTask):
-    """FakeTask whose first ``NUM_GOOD`` trials to run report ``GOOD``, the others ``BAD``."""
+    """FakeTask whose first ``NUM_GOOD`` trials to run report ``GOOD``, the others
+    ``CurveTask.second`` (``BAD`` unless a test sets another curve)."""
+
+    second = BAD
 
     def run(self, config, context):
         if context.trial_number not in RUN_ORDER:  # a retry keeps its curve
             RUN_ORDER.append(context.trial_number)
-        curve = GOOD if RUN_ORDER.index(context.trial_number) < NUM_GOOD else BAD
+        curve = GOOD if RUN_ORDER.index(context.trial_number) < NUM_GOOD else self.second
         for epoch, value in enumerate(curve, 1):
             context.report(epoch, value)
         return TaskResult(value=min(curve), epochs=len(curve))
@@ -60,8 +67,7 @@ def _run_study(tmp_path, pruner: str):
     return good, bad
 
 
-# the median pruner compares with every finished trial; hyperband only within a trial's
-# bracket, and its last bracket starts pruning at the last epoch
+# both decide from half the epochs (4 of 9) on; hyperband keeps the best third at that rung
 @pytest.mark.parametrize(("pruner", "at_least"), [("median", NUM_BAD), ("hyperband", NUM_BAD // 2)])
 def test_pruner_stops_a_worse_curve_early_and_keeps_the_good_ones(tmp_path, pruner, at_least):
     good, bad = _run_study(tmp_path, pruner)
@@ -78,3 +84,19 @@ def test_without_a_pruner_the_worse_curves_run_to_the_end(tmp_path):
     good, bad = _run_study(tmp_path, "none")
     assert all(t.state == TrialState.COMPLETE for t in good + bad)
     assert all(len(t.intermediate_values) == EPOCHS for t in bad)
+
+
+@pytest.mark.parametrize("pruner", ["median", "hyperband"])
+def test_a_model_that_leaves_the_all_blank_phase_late_is_not_pruned(tmp_path, monkeypatch, pruner):
+    # a rung before half the epochs (hyperband's old minimum resource of 1) pruned these
+    monkeypatch.setattr(CurveTask, "second", LATE)
+    good, late = _run_study(tmp_path, pruner)
+    assert all(t.state == TrialState.COMPLETE for t in good + late)
+
+
+@pytest.mark.parametrize("pruner", ["median", "hyperband"])
+def test_a_trial_is_not_pruned_after_its_last_epoch(tmp_path, monkeypatch, pruner):
+    monkeypatch.setattr(CurveTask, "second", LAST_WORSE)
+    good, last_worse = _run_study(tmp_path, pruner)
+    assert all(t.state == TrialState.COMPLETE for t in good + last_worse)
+    assert all(t.intermediate_values[EPOCHS] == 0.6 for t in last_worse)

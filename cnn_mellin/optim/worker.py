@@ -148,11 +148,17 @@ def make_pruner(settings: StudySettings, task: Task) -> optuna.pruners.BasePrune
     """The pruner the study was initialised with."""
     if settings.pruner == "none":
         return optuna.pruners.NopPruner()
-    if settings.pruner == "median":
-        return optuna.pruners.MedianPruner(n_startup_trials=5, n_warmup_steps=1)
+    # Both decide from half the epochs on: CTC models spend their first epochs in the
+    # all-blank phase, where small models that plateau high lead, and an earlier rung prunes
+    # the eventual winners (bench/replay.py, docs/benchmarks.md "Search efficiency").
     max_epochs = task.max_epochs(settings.config(), settings.searched)
+    half = max(1, max_epochs // 2) if max_epochs else 1
+    if settings.pruner == "median":
+        return optuna.pruners.MedianPruner(n_startup_trials=5, n_warmup_steps=half)
+    # with a minimum of half the epochs and a reduction factor of 3, hyperband has one
+    # bracket whose only rung below the last epoch is at half: one decision per trial
     return optuna.pruners.HyperbandPruner(
-        min_resource=1, max_resource=max_epochs if max_epochs else "auto", reduction_factor=3
+        min_resource=half, max_resource=max_epochs if max_epochs else "auto", reduction_factor=3
     )
 
 
@@ -478,6 +484,8 @@ class Worker:
         if self.monitor.lost(internals.trial_id(trial)):
             raise TrialLost()
         self._admit(config, facts)
+        # after its last epoch a trial is done: a rung there would prune a finished trial
+        last_epoch = self.task.max_epochs(config, [])
 
         def report(epoch: int, value: float) -> None:
             if self.monitor.lost(internals.trial_id(trial)):
@@ -488,7 +496,7 @@ class Worker:
             if epoch not in reported:
                 trial.report(value, epoch)
                 reported.add(epoch)
-            if trial.should_prune():
+            if (last_epoch is None or epoch < last_epoch) and trial.should_prune():
                 raise optuna.TrialPruned(
                     f"pruned by the {self.settings.pruner} pruner at epoch {epoch} "
                     f"(value {value:.6g})"
