@@ -2,7 +2,9 @@
 # The main job, end to end on one machine: set up .venv, speak the synthetic corpus, prepare
 # fbank features, then the staged search of the reference recipe on the embedded store:
 #   1. model-<type>-sm: random search over the model parameters, the base configuration
-#      first, poor trials pruned at half their epochs (hyperband),
+#      first (what pays most, bench/replay.py); no pruner: with a handful of trials of 8
+#      epochs a rung at half of them would compare models still in CTC's all-blank phase
+#      (hyperband's default decision point; it pays in longer, larger studies),
 #   2. optim stage (= important --top-k, best, init): carries the best configuration and
 #      the top parameters into
 #   3. model-<type>-lg: TPE search over just the top parameters, longer trials, the carried
@@ -12,7 +14,7 @@
 # finished steps are no-ops.
 # Environment: MODEL_TYPE (mcorr|lcorr, default mcorr), DB_URL (default: the embedded store,
 # EXP/optim/studies.journal when EXP is set),
-# WORKERS (local worker processes, default 2), SM_TRIALS (6), LG_TRIALS (2), TOP_K (3),
+# WORKERS (local worker processes, default 2), SM_TRIALS (8), LG_TRIALS (2), TOP_K (3),
 # MEM_LIMIT (bytes, default 1e9), UTTERANCES (training utterances spoken, default 600),
 # DATA (corpus and features, default data/synth), EXP (outputs, default exp),
 # EXTRA_INI (an .ini read last in both stages, e.g. fewer epochs; default none),
@@ -42,7 +44,7 @@ else
   db_url=${DB_URL:-default}
 fi
 workers=${WORKERS:-2}
-sm_trials=${SM_TRIALS:-6}
+sm_trials=${SM_TRIALS:-8}
 lg_trials=${LG_TRIALS:-2}
 top_k=${TOP_K:-3}
 # Peak bytes of one training step on the largest batch that a trial may need: configurations
@@ -69,7 +71,7 @@ cnn-mellin \
   optim --study-name "$sm" "$db_url" \
     init "$data/$feature/train" \
       --blacklist 'training.*' 'data.*' 'model.convolutional_mellin' \
-      --num-trials "$sm_trials" --pruner hyperband --mem-limit-bytes "$mem_limit" \
+      --num-trials "$sm_trials" --pruner none --mem-limit-bytes "$mem_limit" \
       --checkpoint-dir "$exp/optim/checkpoints/$sm"
 cnn-mellin "${seed[@]}" optim --study-name "$sm" "$db_url" run --sampler random --workers "$workers"
 
@@ -79,7 +81,7 @@ echo "== carrying the top $top_k parameters and the best configuration into $lg"
 cnn-mellin --read-ini conf/optim/demo-lg.ini "${extra_ini[@]}" --device cpu \
   optim --study-name "$lg" "$db_url" \
     stage "$sm" "$data/$feature/train" --top-k "$top_k" --conf-dir "$conf" \
-      --num-trials "$lg_trials" --mem-limit-bytes "$mem_limit" \
+      --num-trials "$lg_trials" --pruner none --mem-limit-bytes "$mem_limit" \
       --checkpoint-dir "$exp/optim/checkpoints/$lg"
 
 echo "== stage lg: $lg ($lg_trials TPE trials)" >&2

@@ -91,6 +91,29 @@ def test_make_sentences_is_deterministic_and_distinct():
     assert first != synth.make_sentences(200, seed=4)
 
 
+def test_max_words_gives_short_distinct_sentences_and_leaves_the_default_alone():
+    assert synth.make_sentences(50, seed=3, max_words=None) == synth.make_sentences(50, seed=3)
+    short = synth.make_sentences(300, seed=3, max_words=3)
+    assert short == synth.make_sentences(300, seed=3, max_words=3)
+    assert len(set(short)) == 300 and all(2 <= len(s.split()) <= 3 for s in short)
+    assert {len(s.split()) for s in short} == {2, 3}
+    assert all(10 <= len(s.split()) <= 12 for s in synth.make_sentences(20, max_words=12))
+    with pytest.raises(DataError, match="at most 2 words"):  # determiners x nouns run out
+        synth.make_sentences(100_000, max_words=2)
+    with pytest.raises(DataError, match="--max-words"):
+        synth.make_sentences(5, max_words=1)
+
+
+@pytest.mark.slow
+def test_a_short_corpus_has_utterances_of_about_a_second(tmp_path):
+    import soundfile
+
+    corpus = tmp_path / "short"
+    synth.prepare_synth(corpus, utterances=10, num_workers=1, max_words=3)
+    seconds = [soundfile.info(str(wav)).duration for wav in corpus.glob("*/*/*/SI*.WAV")]
+    assert len(seconds) == 14 and max(seconds) < 2.0 and min(seconds) > 0.4
+
+
 def test_refuses_a_non_empty_output_and_bad_arguments(tmp_path):
     out = tmp_path / "out"
     out.mkdir()

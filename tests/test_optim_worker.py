@@ -234,6 +234,20 @@ def test_sampling_is_reproducible_per_trial_number(tmp_path):
     assert len({p["training.learning_rate"] for p in params[0]}) == 3
 
 
+def test_every_worker_claims_the_base_configuration_before_the_sampled_trials(tmp_path):
+    # the main job's sm stage lost a minute: one worker took four memory-capped draws
+    # before trial 0, the base, while the other worker had finished and stood idle
+    url = _journal(tmp_path)
+    fake_study(url, tmp_path, num_trials=8, whitelist=["training.learning_rate"])
+    study = load(url, "fake")
+    assert study.get_trials()[0].system_attrs.get("fixed_params")
+    for seed in range(12):
+        claimer = budget.SlotClaimer(study, refresh_s=60, seed=seed)
+        claimer._refresh()
+        assert claimer._queue[0].number == 0
+    assert budget.SlotClaimer(study, refresh_s=60, seed=5).claim().number == 0
+
+
 def test_orphaned_failure_is_reconciled_and_duplicates_dropped(tmp_path):
     url = _journal(tmp_path)
     fake_study(url, tmp_path, num_trials=3, whitelist=["training.learning_rate"])

@@ -43,6 +43,11 @@ def register(commands) -> None:
         help="number of training utterances (default 600; dev and test get a fifth each)",
     )
     synth.add_argument("--synth-seed", type=int, default=0, help="seed of the sentence generator")
+    synth.add_argument(
+        "--max-words", type=int, default=None, metavar="N",
+        help="sentences of at most N words (default: 10 to 18 words; below 10: 2 to N words, "
+        "about a second of speech for 2 or 3, e.g. for the attack's short utterances)",
+    )
     synth.set_defaults(func=run_synth, needs_device=False)
 
 
@@ -59,6 +64,7 @@ def run_timit(args, config) -> int:
 def run_synth(args, config) -> int:
     from cnn_mellin.data.synth import prepare_synth
 
-    summary = prepare_synth(args.out_dir, utterances=args.utterances, seed=args.synth_seed)
+    summary = prepare_synth(args.out_dir, utterances=args.utterances, seed=args.synth_seed,
+                            max_words=args.max_words)
     sys.stdout.write(f"{summary}\n")
     return 0

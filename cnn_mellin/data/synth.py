@@ -585,16 +585,41 @@ def _sentence(rng: random.Random) -> str:
     return text[0].upper() + text[1:]
 
 
-def make_sentences(count: int, seed: int = 0) -> list[str]:
-    """``count`` distinct sentences of 10 to 18 words, the same for the same seed."""
+def _short_sentence(rng: random.Random, max_words: int) -> str:
+    """A noun phrase, with a verb when there is room: "The quiet owl.", "A dog hid."."""
+    words = [rng.choice(_DETERMINERS)]
+    if len(words) + 2 <= max_words and rng.random() < 0.5:
+        words.append(rng.choice(_ADJECTIVES))
+    words.append(rng.choice(_NOUNS))
+    if len(words) < max_words and rng.random() < 0.5:
+        words.append(rng.choice(_VERBS))
+    text = " ".join(words) + "."
+    return text[0].upper() + text[1:]
+
+
+def make_sentences(count: int, seed: int = 0, max_words: int | None = None) -> list[str]:
+    """``count`` distinct sentences of 10 to 18 words (of 2 to ``max_words`` words when that is
+    below 10), the same for the same seed."""
+    if max_words is not None and (isinstance(max_words, bool) or not isinstance(max_words, int)
+                                  or max_words < 2):
+        raise DataError(f"--max-words must be an integer >= 2, got {max_words!r}")
+    short = max_words is not None and max_words < _MIN_WORDS
+    low, high = (2, max_words) if short else (_MIN_WORDS, min(_MAX_WORDS, max_words or _MAX_WORDS))
     rng = random.Random(seed)
     seen: set[str] = set(SA_SENTENCES)
     out = []
+    misses = 0
     while len(out) < count:
-        text = _sentence(rng)
-        if _MIN_WORDS <= len(text.split()) <= _MAX_WORDS and text not in seen:
+        text = _short_sentence(rng, max_words) if short else _sentence(rng)
+        if low <= len(text.split()) <= high and text not in seen:
             seen.add(text)
             out.append(text)
+            misses = 0
+        else:
+            misses += 1
+            if misses > 100_000:
+                raise DataError(f"cannot make {count} distinct sentences of at most "
+                                f"{max_words} words (made {len(out)}); use fewer --utterances")
     return out
 
 
@@ -621,7 +646,8 @@ def _speaker_ids(split: str, genders: list[str], taken: set[str]) -> list[str]:
     return ids
 
 
-def plan_corpus(utterances: int | None = None, seed: int = 0) -> list[_Utterance]:
+def plan_corpus(utterances: int | None = None, seed: int = 0,
+                max_words: int | None = None) -> list[_Utterance]:
     """Every utterance of the corpus (speaker, file name, text) in a fixed order."""
     n_train = DEFAULT_UTTERANCES if utterances is None else utterances
     if isinstance(n_train, bool) or not isinstance(n_train, int) or n_train < 5:
@@ -632,7 +658,7 @@ def plan_corpus(utterances: int | None = None, seed: int = 0) -> list[_Utterance
               "test": len(speaker_list("core_test"))}
     voices = {"train": TRAIN_VOICES, "dev": DEV_VOICES, "test": TEST_VOICES}
     rng = random.Random(f"cnn-mellin synth {seed}")
-    sentences = iter(make_sentences(sum(counts.values()), seed))
+    sentences = iter(make_sentences(sum(counts.values()), seed, max_words))
     taken = set(speaker_list("dev")) | set(speaker_list("core_test"))
     plan: list[_Utterance] = []
     sentence_number = 0
@@ -727,7 +753,7 @@ def _pool_init() -> None:
 
 
 def prepare_synth(out_dir, utterances: int | None = None, seed: int = 0,
-                  num_workers: int | None = None) -> SynthSummary:
+                  num_workers: int | None = None, max_words: int | None = None) -> SynthSummary:
     """Write the synthetic corpus under ``out_dir`` (which must not exist or be empty).
 
     ``utterances`` training utterances (default 600; dev and test get a fifth each), plus two
@@ -742,7 +768,7 @@ def prepare_synth(out_dir, utterances: int | None = None, seed: int = 0,
     if num_workers is not None and (isinstance(num_workers, bool)
                                     or not isinstance(num_workers, int) or num_workers < 1):
         raise DataError(f"number of workers must be an integer >= 1, got {num_workers!r}")
-    plan = plan_corpus(utterances, seed)
+    plan = plan_corpus(utterances, seed, max_words)
     espeak_version = _probe_espeak_version()
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"

@@ -241,8 +241,9 @@ class SlotClaimer:
 
     Listing the WAITING trials costs a query over all of them, so the list is kept and
     refreshed when it runs out or is older than ``refresh_s``; a stale entry costs one
-    failed claim. Fresh trials are tried in a per-worker random order so that workers
-    rarely compete for the same one.
+    failed claim. Retries come first, then trials enqueued with a configuration (the base),
+    then the others in a per-worker random order so that workers rarely compete for the
+    same one.
     """
 
     def __init__(self, study: optuna.Study, refresh_s: float, seed: int | None = None):
@@ -258,6 +259,9 @@ class SlotClaimer:
         retries = sorted((t for t in waiting if RETRY_OF in t.user_attrs), key=lambda t: t.number)
         fresh = [t for t in waiting if RETRY_OF not in t.user_attrs]
         self._rng.shuffle(fresh)
+        # the base configuration (enqueued with its values) before the sampler's draws: it
+        # is what pays most, and a worker busy with other claims must not delay it
+        fresh.sort(key=lambda t: not internals.fixed_params(t))  # stable: the rest stay shuffled
         self._queue = retries + fresh
         self._fetched = time.monotonic()
 

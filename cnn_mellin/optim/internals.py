@@ -62,6 +62,11 @@ def set_study_system_attr(study: optuna.Study, key: str, value: Any) -> None:
     storage(study).set_study_system_attr(study_id(study), key, value)
 
 
+def fixed_params(trial: FrozenTrial) -> dict[str, Any]:
+    """The parameters ``enqueue_trial`` fixed for ``trial`` (empty when the sampler draws)."""
+    return trial.system_attrs.get("fixed_params") or {}
+
+
 def trial_by_number(study: optuna.Study, number: int) -> FrozenTrial:
     """The trial numbered ``number`` in ``study``; KeyError if there is none."""
     store = storage(study)
