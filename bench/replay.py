@@ -466,8 +466,8 @@ def default_specs(epochs: int) -> list[Spec]:
     specs += [replace(base, epochs=e) for e in (8, 12, 16) if e < epochs]
     specs += [replace(base, seed_base=True)]
     specs += [replace(base, staged=True)]
-    # scripts/staged_search.sh today: sm random without pruner, lg TPE with the default
-    # hyperband pruner, the first trial of each stage the base configuration
+    # scripts/staged_search.sh before the defaults were chosen from this replay: sm random
+    # without pruner, lg TPE with hyperband from epoch 1, each stage's first trial its base
     specs += [replace(base, seed_base=True, staged=True, lg_pruner="hyperband")]
     return specs
 

@@ -14,7 +14,7 @@
 # finished steps are no-ops.
 # Environment: MODEL_TYPE (mcorr|lcorr, default mcorr), DB_URL (default: the embedded store,
 # EXP/optim/studies.journal when EXP is set),
-# WORKERS (local worker processes, default 2), SM_TRIALS (8), LG_TRIALS (2), TOP_K (3),
+# WORKERS (local worker processes, default 2), SM_TRIALS (10), LG_TRIALS (2), TOP_K (3),
 # MEM_LIMIT (bytes, default 1e9), UTTERANCES (training utterances spoken, default 600),
 # DATA (corpus and features, default data/synth), EXP (outputs, default exp),
 # EXTRA_INI (an .ini read last in both stages, e.g. fewer epochs; default none),
@@ -44,7 +44,7 @@ else
   db_url=${DB_URL:-default}
 fi
 workers=${WORKERS:-2}
-sm_trials=${SM_TRIALS:-8}
+sm_trials=${SM_TRIALS:-10}
 lg_trials=${LG_TRIALS:-2}
 top_k=${TOP_K:-3}
 # Peak bytes of one training step on the largest batch that a trial may need: configurations
@@ -64,8 +64,14 @@ fi
 sm=demo-model-$model_type-sm-$feature
 lg=demo-model-$model_type-lg-$feature
 
+completed() {
+  cnn-mellin optim --study-name "$1" "$db_url" status --json |
+    python -c 'import json, sys; print(json.load(sys.stdin)["counts"]["complete"])'
+}
+
 echo "== stage sm: $sm ($sm_trials random trials, $workers workers)" >&2
-cnn-mellin \
+# (re-run: the study is there already, perhaps topped up below, so its init is skipped)
+cnn-mellin optim --study-name "$sm" "$db_url" status --json >/dev/null 2>&1 || cnn-mellin \
   --read-ini "conf/optim/model-$model_type-sm.ini" --read-ini conf/optim/demo.ini \
   "${extra_ini[@]}" --device cpu \
   optim --study-name "$sm" "$db_url" \
@@ -74,6 +80,17 @@ cnn-mellin \
       --num-trials "$sm_trials" --pruner none --mem-limit-bytes "$mem_limit" \
       --checkpoint-dir "$exp/optim/checkpoints/$sm"
 cnn-mellin "${seed[@]}" optim --study-name "$sm" "$db_url" run --sampler random --workers "$workers"
+# Ranking needs two completed trials. Most random draws of the whole model space are over
+# the memory limit and pruned before training (cheaply); after a run of such draws the
+# stage is topped up, at most twice.
+for _ in 1 2; do
+  done_sm=$(completed "$sm")
+  [ "$done_sm" -ge 2 ] && break
+  echo "== $sm: $done_sm completed trial(s), too few to rank parameters; adding 4" >&2
+  cnn-mellin optim --study-name "$sm" "$db_url" grow 4
+  cnn-mellin "${seed[@]}" optim --study-name "$sm" "$db_url" run --sampler random \
+    --workers "$workers"
+done
 
 # the best trial's configuration (not --independent): the lg stage's first trial is then the
 # sm winner itself, trained longer (conf/optim/demo-lg.ini), so the final best can only gain

@@ -134,7 +134,8 @@ def _add_init_arguments(init, whitelist: bool = True) -> None:
                       metavar="N", help="trials in COMPLETE or PRUNED the study ends with "
                       f"(default {DEFAULT_NUM_TRIALS})")
     init.add_argument("--pruner", choices=PRUNERS, default="hyperband",
-                      help="early stopping of poor trials (default hyperband)")
+                      help="early stopping of poor trials, decided from half the epochs on "
+                      "(default hyperband: one rung at half, keeps the best third)")
     init.add_argument("--checkpoint-dir", default=None, metavar="DIR",
                       help="where trials keep epoch checkpoints for resuming after a worker "
                       "dies (default exp/optim/checkpoints/NAME)")
