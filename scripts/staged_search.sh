@@ -8,7 +8,8 @@
 #   2. optim stage (= important --top-k, best, init): carries the best configuration and
 #      the top parameters into
 #   3. model-<type>-lg: TPE search over just the top parameters, longer trials, the carried
-#      configuration first,
+#      configuration first; hyperband compares the others with it at half their epochs
+#      (the base configuration is never pruned),
 #   4. best: the final configuration.
 # About 13 minutes on a quiet 2-core CPU (docs/benchmarks.md). Re-running it is cheap:
 # finished steps are no-ops.
@@ -98,7 +99,7 @@ echo "== carrying the top $top_k parameters and the best configuration into $lg"
 cnn-mellin --read-ini conf/optim/demo-lg.ini "${extra_ini[@]}" --device cpu \
   optim --study-name "$lg" "$db_url" \
     stage "$sm" "$data/$feature/train" --top-k "$top_k" --conf-dir "$conf" \
-      --num-trials "$lg_trials" --pruner none --mem-limit-bytes "$mem_limit" \
+      --num-trials "$lg_trials" --pruner hyperband --mem-limit-bytes "$mem_limit" \
       --checkpoint-dir "$exp/optim/checkpoints/$lg"
 
 echo "== stage lg: $lg ($lg_trials TPE trials)" >&2

@@ -100,3 +100,18 @@ def test_a_trial_is_not_pruned_after_its_last_epoch(tmp_path, monkeypatch, prune
     good, last_worse = _run_study(tmp_path, pruner)
     assert all(t.state == TrialState.COMPLETE for t in good + last_worse)
     assert all(t.intermediate_values[EPOCHS] == 0.6 for t in last_worse)
+
+
+@pytest.mark.parametrize("pruner", ["median", "hyperband"])
+def test_the_base_configuration_is_never_pruned(tmp_path, monkeypatch, pruner):
+    import optuna
+
+    # a pruner that would stop every trial at its first epoch stops all but the base
+    monkeypatch.setattr(optuna.trial.Trial, "should_prune", lambda self: True)
+    good, bad = _run_study(tmp_path, pruner)
+    trials = {t.number: t for t in good + bad}
+    assert trials[0].params == {"training.learning_rate": 2e-3}  # the base, run first
+    assert trials[0].state == TrialState.COMPLETE
+    assert len(trials[0].intermediate_values) == EPOCHS
+    assert all(t.state == TrialState.PRUNED and len(t.intermediate_values) == 1
+               for number, t in trials.items() if number != 0)

@@ -70,7 +70,7 @@ from cnn_mellin.optim.storage import (
     load_study,
     open_storage,
 )
-from cnn_mellin.optim.study import StudySettings, checkpoint_root, read_settings
+from cnn_mellin.optim.study import StudySettings, base_params, checkpoint_root, read_settings
 from cnn_mellin.tasks import MemoryExceeded, PruneTrial, Task, TrialContext
 from cnn_mellin.tasks.base import TrialInterrupted
 
@@ -234,6 +234,7 @@ class Worker:
         self.identity = WorkerIdentity.current(device)
         self.base = self.task.config(self.settings.base_config)
         self.params = self.task.params()
+        self.base_params = base_params(self.settings)
         interval = self.settings.heartbeat_interval
         self.poll_s = max(0.2, min(interval, 5.0))
         self.monitor = Monitor(
@@ -486,6 +487,11 @@ class Worker:
         self._admit(config, facts)
         # after its last epoch a trial is done: a rung there would prune a finished trial
         last_epoch = self.task.max_epochs(config, [])
+        # the base configuration (the first trial; a stage's carried best) is the reference
+        # the others are compared with: never pruned, so a stage keeps its known baseline
+        # even when a small model that plateaus high leads it at the rung
+        prunable = not (self.base_params and all(
+            params.get(name) == value for name, value in self.base_params.items()))
 
         def report(epoch: int, value: float) -> None:
             if self.monitor.lost(internals.trial_id(trial)):
@@ -496,7 +502,7 @@ class Worker:
             if epoch not in reported:
                 trial.report(value, epoch)
                 reported.add(epoch)
-            if (last_epoch is None or epoch < last_epoch) and trial.should_prune():
+            if prunable and (last_epoch is None or epoch < last_epoch) and trial.should_prune():
                 raise optuna.TrialPruned(
                     f"pruned by the {self.settings.pruner} pruner at epoch {epoch} "
                     f"(value {value:.6g})"
