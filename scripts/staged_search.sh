@@ -15,7 +15,9 @@
 # finished steps are no-ops.
 # Environment: MODEL_TYPE (mcorr|lcorr, default mcorr), DB_URL (default: the embedded store,
 # EXP/optim/studies.journal when EXP is set),
-# WORKERS (local worker processes, default 2), SM_TRIALS (10), LG_TRIALS (2), TOP_K (3),
+# WORKERS (local worker processes, default 2), SM_TRIALS (8), LG_TRIALS (2), TOP_K (3),
+# SM_TRIAL_SECONDS (300) and LG_TRIAL_SECONDS (420): a trial still running after that long is
+# pruned (some random models under the memory limit are several times slower than the base),
 # MEM_LIMIT (bytes, default 1e9), UTTERANCES (training utterances spoken, default 600),
 # DATA (corpus and features, default data/synth), EXP (outputs, default exp),
 # EXTRA_INI (an .ini read last in both stages, e.g. fewer epochs; default none),
@@ -45,9 +47,11 @@ else
   db_url=${DB_URL:-default}
 fi
 workers=${WORKERS:-2}
-sm_trials=${SM_TRIALS:-10}
+sm_trials=${SM_TRIALS:-8}
 lg_trials=${LG_TRIALS:-2}
 top_k=${TOP_K:-3}
+sm_trial_seconds=${SM_TRIAL_SECONDS:-300}
+lg_trial_seconds=${LG_TRIAL_SECONDS:-420}
 # Peak bytes of one training step on the largest batch that a trial may need: configurations
 # above it are pruned before training (as the recipe's GPU limits do on a cluster), which keeps
 # the largest, slowest random models out of a CPU demo (the base configuration needs 6.9e8).
@@ -79,6 +83,7 @@ cnn-mellin optim --study-name "$sm" "$db_url" status --json >/dev/null 2>&1 || c
     init "$data/$feature/train" \
       --blacklist 'training.*' 'data.*' 'model.convolutional_mellin' \
       --num-trials "$sm_trials" --pruner none --mem-limit-bytes "$mem_limit" \
+      --max-trial-seconds "$sm_trial_seconds" \
       --checkpoint-dir "$exp/optim/checkpoints/$sm"
 cnn-mellin "${seed[@]}" optim --study-name "$sm" "$db_url" run --sampler random --workers "$workers"
 # Ranking needs two completed trials. Most random draws of the whole model space are over
@@ -100,6 +105,7 @@ cnn-mellin --read-ini conf/optim/demo-lg.ini "${extra_ini[@]}" --device cpu \
   optim --study-name "$lg" "$db_url" \
     stage "$sm" "$data/$feature/train" --top-k "$top_k" --conf-dir "$conf" \
       --num-trials "$lg_trials" --pruner hyperband --mem-limit-bytes "$mem_limit" \
+      --max-trial-seconds "$lg_trial_seconds" \
       --checkpoint-dir "$exp/optim/checkpoints/$lg"
 
 echo "== stage lg: $lg ($lg_trials TPE trials)" >&2

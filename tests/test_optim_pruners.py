@@ -115,3 +115,44 @@ def test_the_base_configuration_is_never_pruned(tmp_path, monkeypatch, pruner):
     assert len(trials[0].intermediate_values) == EPOCHS
     assert all(t.state == TrialState.PRUNED and len(t.intermediate_values) == 1
                for number, t in trials.items() if number != 0)
+
+
+class SlowTask(CurveTask):
+    """CurveTask whose epochs take 0.15 s each."""
+
+    def run(self, config, context):
+        import time
+
+        for epoch, value in enumerate(GOOD, 1):
+            time.sleep(0.15)
+            context.report(epoch, value)
+        return TaskResult(value=min(GOOD), epochs=len(GOOD))
+
+
+def test_a_trial_over_max_trial_seconds_is_pruned_at_its_next_epoch(tmp_path):
+    from cnn_mellin.errors import ConfigError
+    from cnn_mellin.optim.attrs import PRUNE_KIND
+    from cnn_mellin.optim.study import build_settings, init_study
+    from cnn_mellin.optim.worker import run_worker
+
+    url = str(tmp_path / "studies.journal")
+    (tmp_path / "data").mkdir()
+
+    def study(name, seconds):
+        settings = build_settings(
+            Config({"training.num_epochs": EPOCHS}), tmp_path / "data",
+            task=f"{__name__}:SlowTask", whitelist=["training.learning_rate"], num_trials=2,
+            pruner="none", checkpoint_dir=tmp_path / name, max_trial_seconds=seconds,
+        )
+        init_study(url, name, settings)
+        assert run_worker(url, name).exit_code == 0
+        return load(url, name).get_trials()
+
+    for t in study("limited", 0.5):  # 9 epochs of 0.15 s: over the limit after the 4th
+        assert t.state == TrialState.PRUNED and t.user_attrs[PRUNE_KIND] == "timeout"
+        assert 3 <= len(t.intermediate_values) <= 5
+    assert all(t.state == TrialState.COMPLETE for t in study("ample", 60.0))
+    with pytest.raises(ConfigError, match="--max-trial-seconds must be positive"):
+        build_settings(Config({"training.num_epochs": EPOCHS}), tmp_path / "data",
+                       task=f"{__name__}:SlowTask", checkpoint_dir=tmp_path / "x",
+                       max_trial_seconds=0)

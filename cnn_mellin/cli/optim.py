@@ -133,6 +133,9 @@ def _add_init_arguments(init, whitelist: bool = True) -> None:
     init.add_argument("--num-trials", type=_int, default=DEFAULT_NUM_TRIALS,
                       metavar="N", help="trials in COMPLETE or PRUNED the study ends with "
                       f"(default {DEFAULT_NUM_TRIALS})")
+    init.add_argument("--max-trial-seconds", type=float, default=None, metavar="S",
+                      help="a trial still running after S seconds of its attempt is pruned "
+                      "at its next report (prune kind timeout; default: no limit)")
     init.add_argument("--pruner", choices=PRUNERS, default="hyperband",
                       help="early stopping of poor trials, decided from half the epochs on "
                       "(default hyperband: one rung at half, keeps the best third)")
@@ -293,7 +296,7 @@ def _settings(args, config, name, whitelist, blacklist):
         num_data_workers=args.num_data_workers,
         checkpoint_dir=args.checkpoint_dir or Path("exp/optim/checkpoints") / name,
         heartbeat_interval=args.heartbeat_interval, heartbeat_grace=args.heartbeat_grace,
-        max_retries=args.max_retries,
+        max_retries=args.max_retries, max_trial_seconds=args.max_trial_seconds,
     )
 
 

@@ -66,6 +66,7 @@ class StudySettings:
     heartbeat_grace: float
     max_retries: int
     dropped: dict[str, str] = field(default_factory=dict)
+    max_trial_seconds: float | None = None
     version: str = __version__
 
     # fields a repeated init may differ in without conflict
@@ -87,7 +88,8 @@ class StudySettings:
     def from_attrs(cls, attrs: dict[str, Any]) -> StudySettings:
         """Settings read back from a study's user attributes."""
         names = [f.name for f in dataclasses.fields(cls)]
-        missing = [n for n in names if n not in attrs and n not in ("dropped", "version")]
+        optional = ("dropped", "version", "max_trial_seconds")  # later fields have defaults
+        missing = [n for n in names if n not in attrs and n not in optional]
         if missing:
             raise UserError(
                 "this study was not created by 'cnn-mellin optim init' (missing: "
@@ -186,6 +188,7 @@ def build_settings(
     pruner: str = "hyperband", num_data_workers: int = 0,
     checkpoint_dir: str | os.PathLike, heartbeat_interval: float = DEFAULT_HEARTBEAT_S,
     heartbeat_grace: float | None = None, max_retries: int = DEFAULT_MAX_RETRIES,
+    max_trial_seconds: float | None = None,
 ) -> StudySettings:
     """Validate every ``init`` argument and the data, and build the settings to store.
 
@@ -199,6 +202,8 @@ def build_settings(
         num_trials, mem_limit_bytes, pruner, num_data_workers, heartbeat_interval,
         heartbeat_grace, max_retries,
     )
+    if max_trial_seconds is not None and not max_trial_seconds > 0:
+        raise ConfigError(f"--max-trial-seconds must be positive, got {max_trial_seconds}")
     if whitelist is not None and blacklist:
         raise ConfigError("give either --whitelist or --blacklist, not both")
     task_cls = get_task(task)
@@ -221,6 +226,7 @@ def build_settings(
         checkpoint_dir=str(Path(os.path.abspath(checkpoint_dir))),
         heartbeat_interval=float(heartbeat_interval), heartbeat_grace=float(heartbeat_grace),
         max_retries=max_retries, dropped=dict(selection.dropped),
+        max_trial_seconds=None if max_trial_seconds is None else float(max_trial_seconds),
     )
 
 

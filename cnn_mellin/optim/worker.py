@@ -492,6 +492,7 @@ class Worker:
         # even when a small model that plateaus high leads it at the rung
         prunable = not (self.base_params and all(
             params.get(name) == value for name, value in self.base_params.items()))
+        time_limit, running_since = self.settings.max_trial_seconds, time.monotonic()
 
         def report(epoch: int, value: float) -> None:
             if self.monitor.lost(internals.trial_id(trial)):
@@ -502,7 +503,12 @@ class Worker:
             if epoch not in reported:
                 trial.report(value, epoch)
                 reported.add(epoch)
-            if prunable and (last_epoch is None or epoch < last_epoch) and trial.should_prune():
+            if last_epoch is not None and epoch >= last_epoch:
+                return
+            if time_limit is not None and time.monotonic() - running_since > time_limit:
+                raise _Prune("timeout", f"still running after {time_limit:g} s, at epoch "
+                             f"{epoch} (value {value:.6g}); --max-trial-seconds")
+            if prunable and trial.should_prune():
                 raise optuna.TrialPruned(
                     f"pruned by the {self.settings.pruner} pruner at epoch {epoch} "
                     f"(value {value:.6g})"
