@@ -641,9 +641,15 @@ def report(results: list[dict], targets, budgets, out: Path) -> None:
 
 
 def plots(results: list[dict], targets, out: Path) -> None:
-    """Box plots of compute-to-target and median best-PER-vs-compute curves (plotly HTML)."""
+    """Box plots of compute-to-target and median best-PER-vs-compute curves (plotly HTML that
+    opens offline: ``plotly.min.js`` is copied beside it, as ``optim report`` does)."""
+    import shutil
+
     import plotly.graph_objects as go
 
+    from cnn_mellin.optim.report.png import plotly_js
+
+    shutil.copyfile(plotly_js(), out / "plotly.min.js")
     for t in targets:
         fig = go.Figure()
         for r in results:
@@ -652,7 +658,7 @@ def plots(results: list[dict], targets, out: Path) -> None:
         fig.update_layout(title=f"worker-seconds to a completed trial with dev PER ≤ {t} "
                                 "(1e9: never)", yaxis_type="log", showlegend=False,
                           height=700)
-        fig.write_html(out / f"compute_to_{t}.html", include_plotlyjs="cdn")
+        fig.write_html(out / f"compute_to_{t}.html", include_plotlyjs="plotly.min.js")
     fig = go.Figure()
     horizon = max(run.compute for r in results for run in r["runs"])
     grid = [horizon * i / 100 for i in range(1, 101)]
@@ -662,7 +668,7 @@ def plots(results: list[dict], targets, out: Path) -> None:
                                  name=r["spec"], mode="lines"))
     fig.update_layout(title="median best dev PER against worker-seconds spent",
                       xaxis_title="worker-seconds", yaxis_title="best dev PER", height=700)
-    fig.write_html(out / "best_vs_compute.html", include_plotlyjs="cdn")
+    fig.write_html(out / "best_vs_compute.html", include_plotlyjs="plotly.min.js")
 
 
 if __name__ == "__main__":

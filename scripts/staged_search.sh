@@ -11,7 +11,7 @@
 #      configuration first; hyperband compares the others with it at half their epochs
 #      (the base configuration is never pruned),
 #   4. best: the final configuration.
-# About 13 minutes on a quiet 2-core CPU (docs/benchmarks.md). Re-running it is cheap:
+# About 10 minutes on a quiet 2-core CPU after set-up (docs/benchmarks.md). Re-running it is cheap:
 # finished steps are no-ops.
 # Environment: MODEL_TYPE (mcorr|lcorr, default mcorr), DB_URL (default: the embedded store,
 # EXP/optim/studies.journal when EXP is set),

@@ -638,6 +638,12 @@ def _taken_for_dead(study, trial_id):
                             max_retries=2)
 
 
+def _assert_one_lost_two_completed(summary, url):
+    """The worker dropped the trial taken for dead and completed the two others."""
+    assert summary.exit_code == 0 and summary.outcomes == {"lost": 1, "complete": 2}
+    assert states(load(url, "fake")) == {"COMPLETE": 2, "FAIL": 1}
+
+
 def test_a_trial_taken_for_dead_while_it_is_sampled_is_dropped(tmp_path, monkeypatch):
     # found by bench/scale_faults.py on a loaded box: UpdateFinishedTrialError from the
     # sampling counted as a trial error, three of them stopped the worker with exit 1
@@ -655,8 +661,7 @@ def test_a_trial_taken_for_dead_while_it_is_sampled_is_dropped(tmp_path, monkeyp
 
     monkeypatch.setattr(worker_module.space, "suggest", suggest)
     summary = run_worker(url, "fake")
-    assert summary.exit_code == 0 and summary.outcomes == {"lost": 1, "complete": 2}
-    assert states(load(url, "fake")) == {"COMPLETE": 2, "FAIL": 1}
+    _assert_one_lost_two_completed(summary, url)
 
 
 def test_a_trial_taken_for_dead_just_before_it_is_told_is_dropped(tmp_path, monkeypatch):
@@ -676,8 +681,7 @@ def test_a_trial_taken_for_dead_just_before_it_is_told_is_dropped(tmp_path, monk
 
     monkeypatch.setattr(Worker, "_write_facts", write_facts)
     summary = run_worker(url, "fake")
-    assert summary.exit_code == 0 and summary.outcomes == {"lost": 1, "complete": 2}
-    assert states(load(url, "fake")) == {"COMPLETE": 2, "FAIL": 1}
+    _assert_one_lost_two_completed(summary, url)
 
 
 def test_a_trial_taken_for_dead_as_it_is_claimed_is_dropped(tmp_path, monkeypatch):
@@ -699,5 +703,4 @@ def test_a_trial_taken_for_dead_as_it_is_claimed_is_dropped(tmp_path, monkeypatc
 
     monkeypatch.setattr(worker.claimer, "claim", claim)
     summary = worker.run()
-    assert summary.exit_code == 0 and summary.outcomes == {"lost": 1, "complete": 2}
-    assert states(load(url, "fake")) == {"COMPLETE": 2, "FAIL": 1}
+    _assert_one_lost_two_completed(summary, url)
