@@ -290,7 +290,13 @@ def test_stale_watch_needs_unchanged_heartbeats_for_the_grace_period():
 
 
 def test_monitor_that_lost_the_database_restarts_its_heartbeat_clocks(tmp_path, monkeypatch):
+    """After an outage the observer counts the grace from its own recovery plus the longest
+    retry pause: a live worker's heartbeat thread may sleep that long before it writes again
+    (the PostgreSQL outage test once took a live worker for dead 3.3 s after the restore)."""
+    import types
+
     from cnn_mellin.optim import heartbeat
+    from cnn_mellin.optim.storage import RETRY_PAUSE_MAX_S
 
     url = _journal(tmp_path)
     fake_study(url, tmp_path, num_trials=1, whitelist=["training.learning_rate"])
@@ -299,15 +305,20 @@ def test_monitor_that_lost_the_database_restarts_its_heartbeat_clocks(tmp_path, 
     other = WorkerIdentity("elsewhere", 1, "1", "boot", "ns", "cpu")
     study._storage.set_trial_user_attr(trial._trial_id, WORKER_ATTR, other.to_attr())
     study._storage.set_trial_system_attr(trial._trial_id, BEAT_KEY, 1.0)
-    recoveries = [0]
+    recoveries, now = [0], [1000.0]
     monkeypatch.setattr(heartbeat, "outage_recoveries", lambda storage: recoveries[0])
-    monitor = Monitor(study, WorkerIdentity.current(), 0.1, 0.3, 1, 2)
+    monkeypatch.setattr(heartbeat, "time", types.SimpleNamespace(
+        monotonic=lambda: now[0], time=time.time))
+    grace = 3.0
+    monitor = Monitor(study, WorkerIdentity.current(), 1.0, grace, 1, 2)
     assert monitor.reap() == 0
-    time.sleep(0.4)  # no beat seen for longer than the grace, but the database was away
+    now[0] += grace + 1  # no beat seen for longer than the grace, but the database was away
     recoveries[0] += 1
     assert monitor.reap() == 0
+    now[0] += grace + 1  # the grace from the recovery, but not the retry pause on top
+    assert monitor.reap() == 0
     assert study._storage.get_trial(trial._trial_id).state == TrialState.RUNNING
-    time.sleep(0.4)  # and now no beat while the database was there
+    now[0] += RETRY_PAUSE_MAX_S  # and now no beat for the grace after the longest pause
     assert monitor.reap() == 1
     assert study._storage.get_trial(trial._trial_id).state == TrialState.FAIL
 
@@ -349,18 +360,38 @@ def _wait_for_progress(url, name, min_epoch, timeout=120):
     raise AssertionError("no trial got far enough")
 
 
+def _kill_mid_trial(url, name, min_epoch, timeout=120):
+    """SIGKILL the worker of a RUNNING trial past ``min_epoch``; returns that trial.
+
+    The worker is frozen (SIGSTOP) first and killed only if its trial is still RUNNING then:
+    a trial seen running may end before a plain kill lands (on a loaded machine it did, and
+    the kill then hit a worker between trials: nothing to retry).
+    """
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        victim = _wait_for_progress(url, name, min_epoch, timeout=deadline - time.monotonic())
+        pid = victim.user_attrs[WORKER_ATTR]["pid"]
+        os.kill(pid, signal.SIGSTOP)
+        now = load(url, name)._storage.get_trial(victim._trial_id)
+        if now.state == TrialState.RUNNING and \
+                now.user_attrs.get(WORKER_ATTR, {}).get("pid") == pid:
+            os.kill(pid, signal.SIGKILL)
+            return now
+        os.kill(pid, signal.SIGCONT)
+    raise AssertionError("no trial could be caught running")
+
+
 @pytest.mark.slow
 def test_killed_worker_trial_is_retried_from_its_checkpoint(any_url, tmp_path):
     fake_study(any_url, tmp_path, name="kill", num_trials=4, whitelist=["training.learning_rate"],
                base={"training.num_epochs": 5})
     workers = [start_worker(any_url, "kill", FAKE_EPOCH_S=0.4) for _ in range(2)]
     try:
-        victim = _wait_for_progress(any_url, "kill", 2)
+        victim = _kill_mid_trial(any_url, "kill", 2)
     except AssertionError:
         wait_all(workers, timeout=1)
         raise
     pid = victim.user_attrs[WORKER_ATTR]["pid"]
-    os.kill(pid, signal.SIGKILL)
     results = wait_all(workers)
     by_pid = {p.pid: code for p, (code, _) in zip(workers, results, strict=True)}
     assert by_pid.pop(pid) == -signal.SIGKILL and list(by_pid.values()) == [0], results

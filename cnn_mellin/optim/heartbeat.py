@@ -10,8 +10,10 @@ its own). Another worker declares a trial's worker dead when
 - the worker ran on the same machine and its process is gone (seen at once), or
 - the trial's heartbeat has not changed for ``heartbeat_grace`` seconds of the
   observer's own clock (so clocks of different hosts never need to agree). An observer
-  that lost the database meanwhile starts its clocks again: it could not see heartbeats
-  that the others could not write either.
+  that lost the database meanwhile starts its clocks again when it is back, and gives every
+  worker :data:`~cnn_mellin.optim.storage.RETRY_PAUSE_MAX_S` more: it could not see
+  heartbeats that the others could not write either, and a live worker may be asleep
+  between two retries for that long after the database is back.
 
 The dead worker's trial is then failed and its retry enqueued (:mod:`budget`).
 """
@@ -19,6 +21,7 @@ The dead worker's trial is then failed and its retry enqueued (:mod:`budget`).
 from __future__ import annotations
 
 import logging
+import math
 import os
 import socket
 import threading
@@ -34,7 +37,7 @@ from optuna.trial import FrozenTrial, TrialState
 from cnn_mellin.optim import budget, internals
 from cnn_mellin.optim.attrs import BEAT_KEY
 from cnn_mellin.optim.attrs import WORKER as WORKER_ATTR
-from cnn_mellin.optim.storage import outage_recoveries
+from cnn_mellin.optim.storage import RETRY_PAUSE_MAX_S, outage_recoveries
 
 _log = logging.getLogger("cnn_mellin.optim")
 
@@ -120,10 +123,13 @@ class StaleWatch:
         self._me = me
         self._grace_s = grace_s
         self._seen: dict[int, tuple[object, float]] = {}
+        self._hold_until = -math.inf
 
-    def restart(self) -> None:
-        """Forget the observations so far (they span a time this observer was blind)."""
+    def restart(self, hold_s: float = 0.0) -> None:
+        """Forget the observations so far (they span a time this observer was blind); the
+        grace of every trial counts from ``hold_s`` seconds from now."""
         self._seen.clear()
+        self._hold_until = time.monotonic() + hold_s
 
     def check(self, running: list[FrozenTrial]) -> list[tuple[FrozenTrial, str]]:
         """The dead ones among ``running`` with the reason, as far as seen so far."""
@@ -139,7 +145,7 @@ class StaleWatch:
             token = (trial.system_attrs.get(BEAT_KEY), ident)
             seen = self._seen.get(internals.trial_id(trial))
             if seen is None or seen[0] != token:
-                self._seen[internals.trial_id(trial)] = (token, now)
+                self._seen[internals.trial_id(trial)] = (token, max(now, self._hold_until))
             elif now - seen[1] > self._grace_s:
                 who = f"worker {ident.host}:{ident.pid}" if ident else "its worker"
                 stale.append((trial, f"no heartbeat from {who} for {self._grace_s:g} s"))
@@ -235,8 +241,9 @@ class Monitor:
         running = budget.trials_in(self._study, (TrialState.RUNNING,))
         recoveries = outage_recoveries(internals.storage(self._study))
         if recoveries != self._recoveries:
+            # the others' heartbeat threads may still sleep between two retries
             self._recoveries = recoveries
-            self._watch.restart()
+            self._watch.restart(hold_s=RETRY_PAUSE_MAX_S)
             self._reconcile.restart()
         reaped = 0
         for trial, reason in self._watch.check(running):

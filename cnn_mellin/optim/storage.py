@@ -43,7 +43,9 @@ _ALLOWED = (
     "a journal file path, or 'default'"
 )
 _SQLITE_LOCK_TIMEOUT_S = 60
-_RETRY_PAUSE_MAX_S = 5.0  # short, so that every worker is back within seconds of the server
+# the longest pause between a worker's retries: short, so that every worker is back within
+# seconds of the server (observers wait that much longer after an outage, see heartbeat)
+RETRY_PAUSE_MAX_S = 5.0
 
 _log = logging.getLogger("cnn_mellin.optim")
 
@@ -396,7 +398,7 @@ class OutageTolerantStorage:
                         "database"
                     ) from None
                 self._sleep(min(pause, self._max_outage_s - (now - began)))
-                pause = min(2 * pause, _RETRY_PAUSE_MAX_S)
+                pause = min(2 * pause, RETRY_PAUSE_MAX_S)
                 continue
             if began is not None or self._gave_up_since is not None:
                 # back (a call that gave up meanwhile counts too: its thread was blind as well)
