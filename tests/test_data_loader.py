@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
+
 import numpy as np
 import pytest
 import torch
@@ -135,3 +138,105 @@ def test_loader_subsets(store):
         make_loader(dataset, 4, subset=1.5)
     with pytest.raises(UserError, match="workers"):
         make_loader(dataset, 4, num_workers=-1)
+
+
+@pytest.fixture
+def four_cpus(monkeypatch):
+    """Loaders may start up to four workers, whatever this machine has."""
+    from cnn_mellin.data import loader
+
+    monkeypatch.setattr(loader, "allowed_workers", lambda: 4)
+
+
+def _workers(parallel):
+    return list(parallel._iterator._workers)
+
+
+def test_loader_workers_ignore_sigterm_and_sigint_and_the_main_process_ends_them(store,
+                                                                                 four_cpus):
+    """SLURM signals every process of a job: a loader worker that died of it failed the trial
+    (RuntimeError 'DataLoader worker ... exited unexpectedly' raised by torch's SIGCHLD
+    handler, once inside backward())."""
+    import signal
+
+    from cnn_mellin.data.loader import close_loader
+
+    before = signal.getsignal(signal.SIGCHLD)
+    parallel = make_loader(UtteranceDataset(store), 5, num_workers=2, seed=1, num_buckets=4)
+    parallel.batch_sampler.set_epoch(0)
+    batches = iter(parallel)
+    seen = [next(batches).utt_ids]
+    workers = _workers(parallel)
+    assert len(workers) == 2
+    for worker in workers:  # from another process, as SLURM does (torch's own handler lets
+        for name in ("TERM", "INT"):  # a worker that its parent signals exit quietly)
+            subprocess.run(["kill", "-s", name, str(worker.pid)], check=True)
+    seen += [b.utt_ids for b in batches]
+    assert sorted(u for b in seen for u in b) == sorted(UtteranceDataset(store).utt_ids)
+    assert all(w.is_alive() for w in workers)
+    assert signal.getsignal(signal.SIGCHLD) == before  # torch's raising handler is not set
+    close_loader(parallel)
+    assert all(w.exitcode == 0 for w in workers) and parallel._iterator is None
+    close_loader(parallel)  # closing twice, or a loader without workers, does nothing
+    close_loader(make_loader(UtteranceDataset(store), 5))
+
+
+def _signalled_before_init(worker_id):
+    """A stop that reaches a new worker before its init function (torch's own SIGTERM
+    handler kills the worker then)."""
+    import signal
+
+    from cnn_mellin.data.loader import _ignore_stop_signals
+
+    os.kill(os.getpid(), signal.SIGTERM)
+    _ignore_stop_signals(worker_id)
+
+
+def test_a_stop_sent_while_a_loader_worker_starts_does_not_kill_it(store, four_cpus):
+    from cnn_mellin.data.loader import _Loader, close_loader
+
+    dataset = UtteranceDataset(store)
+    loader = _Loader(dataset, batch_sampler=BucketBatchSampler(dataset.num_frames, 5, seed=1),
+                     collate_fn=collate, num_workers=2, persistent_workers=True,
+                     worker_init_fn=_signalled_before_init)
+    ids = sorted(u for b in loader for u in b.utt_ids)
+    assert ids == sorted(dataset.utt_ids)
+    assert all(w.is_alive() for w in _workers(loader))
+    close_loader(loader)
+
+
+@pytest.mark.slow
+def test_a_dead_loader_worker_is_raised_where_the_next_batch_is_awaited(store, four_cpus):
+    import signal
+
+    from cnn_mellin.data.loader import close_loader, is_loader_failure
+
+    parallel = make_loader(UtteranceDataset(store), 2, num_workers=2, seed=1)
+    batches = iter(parallel)
+    next(batches)
+    for worker in _workers(parallel):
+        os.kill(worker.pid, signal.SIGKILL)
+    with pytest.raises(RuntimeError) as failure:
+        for _ in batches:
+            pass
+    assert is_loader_failure(failure.value), failure.value
+    assert not is_loader_failure(RuntimeError("shape mismatch"))
+    close_loader(parallel)
+
+
+def test_loader_workers_are_capped_to_the_allocation_with_one_warning(store, monkeypatch,
+                                                                      caplog):
+    from cnn_mellin.data import loader
+
+    monkeypatch.setattr(loader, "_capped", set())
+    monkeypatch.setenv("SLURM_CPUS_PER_TASK", "1")
+    assert loader.allowed_workers() == 1
+    dataset = UtteranceDataset(store)
+    with caplog.at_level("WARNING", logger="cnn_mellin.data.loader"):
+        for _ in range(3):  # one loader per trial
+            assert make_loader(dataset, 5, num_workers=4).num_workers == 1
+    assert [r.getMessage() for r in caplog.records] == [
+        "4 data loader workers asked for, but this process may use 1 CPUs: using 1"]
+    assert make_loader(dataset, 5, num_workers=0).num_workers == 0
+    monkeypatch.setenv("SLURM_CPUS_PER_TASK", "64")  # never more than the affinity allows
+    assert loader.allowed_workers() == len(os.sched_getaffinity(0))

@@ -4,12 +4,24 @@ Batches are drawn by :class:`BucketBatchSampler`: utterances are sorted by lengt
 buckets of similar length, shuffled within each bucket and cut into batches whose order is
 shuffled. The shuffling depends only on ``(seed, epoch)``, so an epoch is the same whoever
 draws it and however many loader workers read it (call ``set_epoch`` before each epoch).
+
+Loader worker processes never decide how training ends: they ignore SIGTERM and SIGINT
+(SLURM signals every process of a job, a terminal's Ctrl-C the whole process group), so the
+main process alone reacts to a stop and shuts them down (:func:`close_loader`). Torch's
+SIGCHLD handler, which raises "DataLoader worker ... exited unexpectedly" wherever the main
+thread happens to be (inside ``backward()``, a checkpoint's ``fsync``, a database write), is
+not installed: a dead worker is noticed when the iterator waits for its next batch, the
+only place the error is raised (:func:`is_loader_failure` tells it apart). Their number is
+capped to the CPUs this process may use (:func:`cap_workers`).
 """
 
 from __future__ import annotations
 
+import logging
 import math
 import numbers
+import os
+import signal
 from collections.abc import Iterator, Sequence
 from typing import NamedTuple
 
@@ -19,6 +31,9 @@ from torch.utils.data import DataLoader, Dataset, Sampler, Subset
 
 from cnn_mellin.data.store import StoreInfo, StoreReader, read_info
 from cnn_mellin.errors import DataError, UserError
+
+_log = logging.getLogger(__name__)
+_capped: set[tuple[int, int]] = set()  # (asked, allowed) pairs already warned about
 
 
 class UtteranceDataset(Dataset):
@@ -172,16 +187,94 @@ def subset_indices(dataset: UtteranceDataset, subset) -> list[int]:
     return indices
 
 
+def allowed_workers() -> int:
+    """Loader workers this process may start: the CPUs of its allocation
+    (``SLURM_CPUS_PER_TASK``), at most those its affinity lets it run on."""
+    from cnn_mellin.optim.cpus import allocated_cpus
+
+    cpus = allocated_cpus()
+    if hasattr(os, "sched_getaffinity"):
+        cpus = min(cpus, len(os.sched_getaffinity(0)))
+    return max(1, cpus)
+
+
+def cap_workers(num_workers: int) -> int:
+    """``num_workers`` capped to :func:`allowed_workers`; warns once per process and figure
+    (a worker process builds loaders for every trial)."""
+    allowed = allowed_workers()
+    if num_workers <= allowed:
+        return num_workers
+    if (num_workers, allowed) not in _capped:
+        _capped.add((num_workers, allowed))
+        _log.warning("%d data loader workers asked for, but this process may use %d CPUs: "
+                     "using %d", num_workers, allowed, allowed)
+    return allowed
+
+
+_STOPS = {signal.SIGTERM, signal.SIGINT}
+
+
+def _ignore_stop_signals(_worker_id: int) -> None:
+    """A loader worker's start: stops are the main process's to handle (module doc). They
+    were blocked since the fork (:class:`_Loader`): one sent meanwhile is dropped here."""
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, _STOPS)
+
+
+class _Loader(DataLoader):
+    """A DataLoader whose worker processes start with SIGTERM/SIGINT blocked: torch sets its
+    own SIGTERM handler in a new worker (one that dies) before ``worker_init_fn`` runs, and
+    a job cancelled at that moment would otherwise kill it."""
+
+    def _get_iterator(self):
+        if self.num_workers == 0:
+            return super()._get_iterator()
+        mask = signal.pthread_sigmask(signal.SIG_BLOCK, _STOPS)  # children inherit it
+        try:
+            return super()._get_iterator()
+        finally:
+            signal.pthread_sigmask(signal.SIG_SETMASK, mask)  # a pending stop arrives now
+
+
+def _no_sigchld_handler() -> None:
+    """Keep torch from installing its raising SIGCHLD handler in this process (module doc)."""
+    from torch.utils.data._utils import signal_handling
+
+    signal_handling._SIGCHLD_handler_set = True  # torch installs it only while this is False
+
+
+def is_loader_failure(err: BaseException) -> bool:
+    """Whether ``err`` says a loader worker process died (not an error in the data)."""
+    text = str(err)
+    return isinstance(err, RuntimeError) and "DataLoader worker" in text and (
+        "exited unexpectedly" in text or "killed by signal" in text)
+
+
+def close_loader(loader: DataLoader | None) -> None:
+    """Shut the loader's worker processes down now (persistent ones otherwise live until the
+    loader is collected, e.g. while an exception's traceback holds it)."""
+    iterator = getattr(loader, "_iterator", None)
+    if iterator is None:
+        return
+    shutdown = getattr(iterator, "_shutdown_workers", None)
+    if shutdown is not None:
+        shutdown()
+    loader._iterator = None
+
+
 def make_loader(dataset: UtteranceDataset, batch_size: int, num_workers: int = 0,
                 shuffle: bool = True, seed: int = 0, num_buckets: int = 10,
                 subset=None) -> DataLoader:
     """A DataLoader of :class:`Batch` over ``dataset`` (or its ``subset``) with bucketing.
 
-    Call ``loader.batch_sampler.set_epoch(epoch)`` before each epoch. Workers stay alive
-    between epochs; batches are pinned when CUDA is available.
+    Call ``loader.batch_sampler.set_epoch(epoch)`` before each epoch. Workers (at most
+    :func:`allowed_workers`) stay alive between epochs and ignore SIGTERM/SIGINT; batches are
+    pinned when CUDA is available.
     """
     if isinstance(num_workers, bool) or not isinstance(num_workers, int) or num_workers < 0:
         raise UserError(f"number of data workers must be an integer >= 0, got {num_workers!r}")
+    num_workers = cap_workers(num_workers)
     frames = list(dataset.num_frames)
     if subset is not None:
         indices = subset_indices(dataset, subset)
@@ -191,7 +284,10 @@ def make_loader(dataset: UtteranceDataset, batch_size: int, num_workers: int = 0
         raise DataError("no utterances to load")
     sampler = BucketBatchSampler(frames, batch_size, num_buckets=num_buckets, shuffle=shuffle,
                                  seed=seed)
-    return DataLoader(
+    if num_workers:
+        _no_sigchld_handler()
+    return _Loader(
         dataset, batch_sampler=sampler, collate_fn=collate, num_workers=num_workers,
         persistent_workers=num_workers > 0, pin_memory=torch.cuda.is_available(),
+        worker_init_fn=_ignore_stop_signals if num_workers else None,
     )

@@ -174,8 +174,11 @@ def train(
 
     ``stop_requested()`` is asked after every optimiser step and between epochs; once it
     is true, ``last.pt`` is written for that step and :class:`TrainingInterrupted` raised.
+    A data loader worker that dies while it is true (a cancelled job signals every process)
+    stops training the same way, at the last optimiser step, instead of failing it. Loader
+    workers are shut down before this returns or raises.
     """
-    from cnn_mellin.data.loader import make_loader
+    from cnn_mellin.data.loader import close_loader, is_loader_failure, make_loader
     from cnn_mellin.model import AcousticModel, check_model_config
 
     if model_dir is None:
@@ -258,85 +261,104 @@ def train(
 
     gen = torch.Generator()
     num_epochs = tp["num_epochs"]
-    def checkpoint(done_epochs: int, mid_epoch: dict | None = None) -> None:
+    def checkpoint(done_epochs: int, mid_epoch: dict | None = None, rng=None) -> None:
         save_resume(model_dir, {
             "signature": signature, "epoch": done_epochs, "model": model.state_dict(),
             "optimizer": optimizer.state_dict(), "schedule": schedule.state_dict(),
-            "scaler": stepper.scaler.state_dict(), "rng": rng_states(), "history": history,
+            "scaler": stepper.scaler.state_dict(),
+            "rng": rng if rng is not None else rng_states(), "history": history,
             "best": best, "early": early, "skipped_total": skipped_total, "stopped": stopped,
             "impossible": stepper.impossible,
             **({"mid_epoch": mid_epoch} if mid_epoch is not None else {}),
         })
 
-    while epoch < num_epochs and not stopped:
-        if stop_requested is not None and stop_requested():
-            raise TrainingInterrupted(epoch + 1, 0, schedule.steps)  # last.pt is this epoch's
-        epoch += 1
-        began, cpu_began = time.perf_counter(), _cpu_seconds()
-        torch.manual_seed(_epoch_seed(seed, epoch))
-        gen.manual_seed(_epoch_seed(seed, epoch) + 1)
-        resume = mid if mid is not None and mid["epoch"] == epoch else None
-        mid = None
-        start = int(resume["batches"]) if resume else 0
-        loader.batch_sampler.set_epoch(epoch, start)
+    def stop_in_epoch(batches: int, partial: dict, began: float, cpu_began: float,
+                      gen_state=None, rng=None) -> TrainingInterrupted:
+        checkpoint(epoch - 1, {
+            "epoch": epoch, "batches": batches, "partial": partial,
+            "gen": gen_state if gen_state is not None else gen.get_state(),
+            "bad_run": stepper.bad_run, "seconds": time.perf_counter() - began,
+            "cpu_seconds": _cpu_seconds() - cpu_began,
+        }, rng=rng)
+        log.info("stopped in epoch %d after batch %d (step %d); %s resumes there",
+                 epoch, batches, schedule.steps, model_dir / "last.pt")
+        return TrainingInterrupted(epoch, batches, schedule.steps)
 
-        def restore(resume=resume):
-            set_rng_states(state["rng"])
-            gen.set_state(resume["gen"])
-            stepper.bad_run = int(resume["bad_run"])
+    try:
+        while epoch < num_epochs and not stopped:
+            if stop_requested is not None and stop_requested():
+                raise TrainingInterrupted(epoch + 1, 0, schedule.steps)  # last.pt is this epoch's
+            epoch += 1
+            began, cpu_began = time.perf_counter(), _cpu_seconds()
+            torch.manual_seed(_epoch_seed(seed, epoch))
+            gen.manual_seed(_epoch_seed(seed, epoch) + 1)
+            resume = mid if mid is not None and mid["epoch"] == epoch else None
+            mid = None
+            start = int(resume["batches"]) if resume else 0
+            loader.batch_sampler.set_epoch(epoch, start)
 
-        if resume:
-            began -= resume["seconds"]
-            cpu_began -= resume["cpu_seconds"]
-        try:
-            with _progress(len(loader), progress, f"epoch {epoch}/{num_epochs}") as bar:
-                stats = stepper.run_epoch(
-                    loader, epoch, gen, bar, start=start,
-                    partial=resume["partial"] if resume else None, stop=stop_requested,
-                    started=restore if resume else None,
-                )
-        except EpochInterrupted as cut:
-            checkpoint(epoch - 1, {
-                "epoch": epoch, "batches": cut.batches, "partial": cut.partial,
-                "gen": gen.get_state(), "bad_run": stepper.bad_run,
-                "seconds": time.perf_counter() - began,
-                "cpu_seconds": _cpu_seconds() - cpu_began,
+            def restore(resume=resume):
+                set_rng_states(state["rng"])
+                gen.set_state(resume["gen"])
+                stepper.bad_run = int(resume["bad_run"])
+
+            if resume:
+                began -= resume["seconds"]
+                cpu_began -= resume["cpu_seconds"]
+            try:
+                with _progress(len(loader), progress, f"epoch {epoch}/{num_epochs}") as bar:
+                    stats = stepper.run_epoch(
+                        loader, epoch, gen, bar, start=start,
+                        partial=resume["partial"] if resume else None, stop=stop_requested,
+                        started=restore if resume else None,
+                    )
+            except EpochInterrupted as cut:
+                raise stop_in_epoch(cut.batches, cut.partial, began, cpu_began, cut.gen,
+                                    cut.rng) from None
+            try:
+                dev_error = _score(model, dev_loader, dev, stepper.autocast) if dev_loader \
+                    else math.nan
+            except RuntimeError as err:  # every batch trained: resume by scoring the epoch
+                if stop_requested is None or not is_loader_failure(err) or \
+                        not stop_requested():
+                    raise
+                log.warning("stopping: a data loader worker ended meanwhile (%s)", err)
+                raise stop_in_epoch(len(loader), stepper.last_partial, began,
+                                    cpu_began) from None
+            monitor = dev_error if dev_loader else stats.train_loss
+            schedule.epoch_end(monitor)
+            skipped_total += stats.skipped_steps
+            history.append({
+                "epoch": epoch, "train_loss": stats.train_loss, "dev_error": dev_error,
+                "lr": stats.lr, "grad_norm_mean": stats.grad_norm_mean,
+                "grad_norm_max": stats.grad_norm_max, "skipped_steps": stats.skipped_steps,
+                "scaler_backoffs": stats.scaler_backoffs,
+                "seconds": time.perf_counter() - began, "cpu_seconds": _cpu_seconds() - cpu_began,
+                "peak_memory_bytes": peak_memory_bytes(dev),
             })
-            log.info("stopped in epoch %d after batch %d (step %d); %s resumes there",
-                     epoch, cut.batches, schedule.steps, model_dir / "last.pt")
-            raise TrainingInterrupted(epoch, cut.batches, schedule.steps) from None
-        dev_error = _score(model, dev_loader, dev, stepper.autocast) if dev_loader else math.nan
-        monitor = dev_error if dev_loader else stats.train_loss
-        schedule.epoch_end(monitor)
-        skipped_total += stats.skipped_steps
-        history.append({
-            "epoch": epoch, "train_loss": stats.train_loss, "dev_error": dev_error,
-            "lr": stats.lr, "grad_norm_mean": stats.grad_norm_mean,
-            "grad_norm_max": stats.grad_norm_max, "skipped_steps": stats.skipped_steps,
-            "scaler_backoffs": stats.scaler_backoffs,
-            "seconds": time.perf_counter() - began, "cpu_seconds": _cpu_seconds() - cpu_began,
-            "peak_memory_bytes": peak_memory_bytes(dev),
-        })
-        if math.isfinite(monitor) and monitor < best["error"]:
-            best = {"error": monitor, "epoch": epoch}
-            write_model_file(
-                model_dir / MODEL_FILE, model, config_ini, info,
-                extra={"epoch": epoch, "dev_error": dev_error, "train_loss": stats.train_loss},
+            if math.isfinite(monitor) and monitor < best["error"]:
+                best = {"error": monitor, "epoch": epoch}
+                write_model_file(
+                    model_dir / MODEL_FILE, model, config_ini, info,
+                    extra={"epoch": epoch, "dev_error": dev_error, "train_loss": stats.train_loss},
+                )
+            stopped = _early_stop(tp, early, epoch, monitor)
+            checkpoint(epoch)
+            write_metrics(model_dir, history)
+            log.info(
+                "epoch %d/%d: train loss %.4f, dev PER %.4f, lr %.3g, %d skipped steps, %.1f s "
+                "(%.1f CPU s)%s",
+                epoch, num_epochs, stats.train_loss, dev_error, stats.lr, stats.skipped_steps,
+                history[-1]["seconds"], history[-1]["cpu_seconds"],
+                " (best so far)" if best["epoch"] == epoch else "",
             )
-        stopped = _early_stop(tp, early, epoch, monitor)
-        checkpoint(epoch)
-        write_metrics(model_dir, history)
-        log.info(
-            "epoch %d/%d: train loss %.4f, dev PER %.4f, lr %.3g, %d skipped steps, %.1f s "
-            "(%.1f CPU s)%s",
-            epoch, num_epochs, stats.train_loss, dev_error, stats.lr, stats.skipped_steps,
-            history[-1]["seconds"], history[-1]["cpu_seconds"],
-            " (best so far)" if best["epoch"] == epoch else "",
-        )
-        if epoch_callback is not None:
-            epoch_callback(epoch, stats.train_loss, dev_error)
-        if stopped:
-            log.info("early stopping after epoch %d (best epoch %d)", epoch, best["epoch"])
+            if epoch_callback is not None:
+                epoch_callback(epoch, stats.train_loss, dev_error)
+            if stopped:
+                log.info("early stopping after epoch %d (best epoch %d)", epoch, best["epoch"])
+    finally:  # not left to the collector: a traceback may hold the loaders for long
+        close_loader(loader)
+        close_loader(dev_loader)
 
     if not (model_dir / MODEL_FILE).exists():
         # no epoch gave a finite monitored value: keep the last weights so decode still works

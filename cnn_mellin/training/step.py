@@ -20,7 +20,9 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from cnn_mellin.data.loader import is_loader_failure
 from cnn_mellin.decoding import BLANK
+from cnn_mellin.training.checkpoint import rng_states
 from cnn_mellin.training.precision import autocast_dtype, needs_loss_scaling
 
 log = logging.getLogger(__name__)
@@ -35,12 +37,33 @@ class EpochInterrupted(Exception):
 
     ``batches`` of the epoch were consumed; ``partial`` holds the epoch's running sums,
     which :meth:`Stepper.run_epoch` takes back to finish the epoch as if never stopped.
+    ``rng`` and ``gen`` are the RNG states at that step when the epoch went on past it
+    (batches of the next step were drawn when a loader worker died); None: the current ones.
     """
 
-    def __init__(self, batches: int, partial: dict):
+    def __init__(self, batches: int, partial: dict, rng: dict | None = None,
+                 gen: torch.Tensor | None = None):
         super().__init__(f"stopped after batch {batches}")
         self.batches = batches
         self.partial = partial
+        self.rng = rng
+        self.gen = gen
+
+
+def _until_loader_failure(batches, stop, interrupted):
+    """The batches of ``batches``; a loader worker that died while ``stop()`` is true ends
+    the epoch as the stop (``interrupted()``'s EpochInterrupted), not as an error."""
+    while True:
+        try:
+            batch = next(batches)
+        except StopIteration:
+            return
+        except RuntimeError as err:
+            if stop is None or not is_loader_failure(err) or not stop():
+                raise
+            log.warning("stopping: a data loader worker ended meanwhile (%s)", err)
+            raise interrupted() from None
+        yield batch
 
 
 def ctc_feasible(targets: torch.Tensor, target_lens: torch.Tensor, out_lens: torch.Tensor):
@@ -95,6 +118,7 @@ class Stepper:
                                            enabled=needs_loss_scaling(self.amp_dtype))
         self.bad_run = 0
         self.impossible = list(impossible)
+        self.last_partial: dict = {}  # the running sums at the end of the last epoch
 
     def autocast(self):
         """Mixed-precision context (a no-op in float32)."""
@@ -151,7 +175,8 @@ class Stepper:
         loader yields from there) with the running sums an :class:`EpochInterrupted` gave.
         ``stop()`` is asked after every optimiser step; True raises EpochInterrupted.
         ``started()`` runs once the loader's iterator exists (which draws from the global
-        RNG), so a resumed epoch can restore its RNG states after that draw.
+        RNG), so a resumed epoch can restore its RNG states after that draw. A loader worker
+        that dies while ``stop()`` is true stops the epoch at its last optimiser step.
         """
         accumulation = self.p["grad_accumulation"]
         self.model.train()
@@ -164,10 +189,32 @@ class Stepper:
         bad, seen = False, 0
         self.optimizer.zero_grad(set_to_none=True)
         non_blocking = self.device.type == "cuda"
+
+        def sums() -> dict:
+            return {"loss_sum": loss_sum, "loss_count": loss_count, "skipped": skipped,
+                    "rate": rate, "norms": list(norms), "backoffs": backoffs}
+
+        step_at = None  # the last optimiser step: batches, sums, RNG states when accumulating
+
+        def mark(batches_done: int) -> None:
+            nonlocal step_at
+            accumulating = accumulation > 1  # later batches of a step draw from the RNGs
+            step_at = (batches_done, loss_sum, loss_count, skipped, rate, len(norms), backoffs,
+                       rng_states() if accumulating else None,
+                       gen.get_state() if accumulating else None)
+
+        def interrupted() -> EpochInterrupted:
+            done, *kept, num_norms, kept_backoffs, rng, gen_state = step_at
+            at_step = dict(zip(("loss_sum", "loss_count", "skipped", "rate"), kept,
+                               strict=True))
+            at_step.update(norms=norms[:num_norms], backoffs=kept_backoffs)
+            return EpochInterrupted(done, at_step, rng=rng, gen=gen_state)
+
         batches = iter(loader)
         if started is not None:
             started()
-        for index, batch in enumerate(batches, start):
+        mark(start)
+        for index, batch in enumerate(_until_loader_failure(batches, stop, interrupted), start):
             loss = self._loss(batch.to(self.device, non_blocking=non_blocking), gen)
             if loss is not None:
                 value = float(loss.detach())
@@ -207,10 +254,9 @@ class Stepper:
                     )
             bar.set_postfix(loss=f"{loss_sum / max(loss_count, 1):.3f}", refresh=False)
             if stop is not None and stop():
-                raise EpochInterrupted(index + 1, {
-                    "loss_sum": loss_sum, "loss_count": loss_count, "skipped": skipped,
-                    "rate": rate, "norms": norms, "backoffs": backoffs,
-                })
+                raise EpochInterrupted(index + 1, sums())
+            mark(index + 1)
+        self.last_partial = sums()
         return EpochStats(
             loss_sum / loss_count if loss_count else math.nan, skipped, rate,
             sum(norms) / len(norms) if norms else math.nan, max(norms, default=math.nan),
