@@ -11,11 +11,11 @@ batch of ``batch_size`` full-length sequences of ``num_frames`` frames:
   profiling and the figure is the peak of the running sum of every allocation and
   free the CPU allocator reports: exact for torch tensors, blind to memory that
   libraries (oneDNN scratchpads, BLAS) take with their own ``malloc``.
-- :func:`estimate_peak_bytes` runs it without real tensors: the model is built and
-  stepped under ``FakeTensorMode`` (shapes, dtypes and aliasing, no data) while a
-  dispatch mode counts every tensor storage from its creation until it is freed.
-  Fake tensors live on the CPU (autograd refuses fake CUDA tensors on a host
-  without a GPU); for a CUDA target each allocation is rounded up to the caching
+- :func:`estimate_peak_bytes` runs it on meta tensors (shapes and dtypes, no data, no
+  arithmetic) while a dispatch mode counts every tensor storage from its creation until
+  it is freed: a few hundredths of a second, whatever the model's size. Recurrent
+  layers and CTC, which have no meta kernels, run as stand-ins that allocate what the
+  CPU kernels allocate. For a CUDA target each allocation is rounded up to the caching
   allocator's 512-byte blocks and the optimiser uses its CUDA (foreach) code path.
   Device-private workspaces (cuDNN) are not counted; with a GPU at hand, measure.
 
@@ -168,54 +168,96 @@ class _LiveBytes(TorchDispatchMode):
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         out = func(*args, **(kwargs or {}))
-        sizes = _hidden_sizes(func, args, out)
-        for index, tensor in enumerate(tree_flatten(out)[0]):
+        for tensor in tree_flatten(out)[0]:
             if not isinstance(tensor, torch.Tensor):
                 continue
             storage = tensor.untyped_storage()
             key = id(storage)
             if key in self._storages and self._storages[key]() is storage:
                 continue
-            nbytes = sizes.get(index, self._size(storage))
+            nbytes = self._size(storage)
             self.live += nbytes
             self._storages[key] = weakref.ref(
                 storage, lambda _, key=key, nbytes=nbytes: self._freed(key, nbytes))
-        self.peak = max(self.peak, self.live + _scratch_bytes(func, args))
+        self.peak = max(self.peak, self.live)
         return out
 
 
-def _hidden_sizes(func, args, out) -> dict[int, int]:
-    """Bytes of outputs whose fake version is smaller than the real one, by output index.
+class _RecurrentStandIn(torch.autograd.Function):
+    """Allocates what one recurrent layer (one direction) allocates on torch's CPU path.
 
-    oneDNN's LSTM (torch's CPU path) keeps a training workspace whose fake
-    version is empty; measured on torch 2.11 it takes
-    ``4 T N (9 H + 6 max(I, H))`` bytes per layer and direction (within 5% for
-    T N >= 100). It stands in for cuDNN's reserve space on CUDA targets too.
+    Meta tensors cannot run recurrent kernels. LSTM (oneDNN, one call per layer) keeps
+    its workspace (:func:`_lstm_workspace`) and four ``N x H`` states, and its backward
+    allocates the gradients and a ``4 (T N G H + G H (I + H))``-byte scratch at once:
+    the kernels' own sizes, measured on torch 2.11. GRU and RNN run per-step cells whose
+    allocations are fitted (:data:`_CELL_STEPS`; docs/benchmarks.md has their error).
     """
-    if func is not torch.ops.aten.mkldnn_rnn_layer.default or not args[15]:
-        return {}
-    steps, batch, inputs = args[0].shape
-    if args[14]:  # batch_first
-        steps, batch = batch, steps
-    hidden = args[10]
-    return {3: 4 * steps * batch * (9 * hidden + 6 * max(inputs, hidden))}
+
+    @staticmethod
+    def forward(ctx, x, kind, hidden, *weights):
+        steps, batch, inputs = x.shape
+        tnh, nh, tni = steps * batch * hidden, batch * hidden, steps * batch * inputs
+        if kind == "lstm":
+            saved, transient = _lstm_workspace(steps, batch, inputs, hidden) // 4 + 4 * nh, 0
+        else:
+            kept, stacked, gates = _CELL_STEPS[kind]
+            saved = kept * tnh + tni + nh + gates * hidden * (inputs + hidden)
+            transient = stacked * tnh + nh
+        ctx.kind, ctx.hidden = kind, hidden
+        ctx.state = x.new_empty(saved)  # not save_for_backward: backward frees it early
+        ctx.save_for_backward(x, *weights)
+        out = x.new_empty(steps, batch, hidden)
+        x.new_empty(transient)  # the per-step outputs while they are stacked at the end
+        return out
+
+    @staticmethod
+    def backward(ctx, grad):
+        x, *weights = ctx.saved_tensors
+        steps, batch, inputs = x.shape
+        gates = {"lstm": 4, "gru": 3, "rnn": 1}[ctx.kind]
+        hidden = ctx.hidden
+        grads = [torch.empty_like(w) for w in weights]
+        if ctx.kind == "lstm":  # one oneDNN call: everything at once, then the state goes
+            grad_x = x.new_empty(x.shape)
+            work = x.new_empty(steps * batch * gates * hidden + gates * hidden * (inputs + hidden))
+            del work, ctx.state
+        else:  # step by step: the state is freed as the input's gradient is built
+            work = x.new_empty(gates * hidden * hidden)
+            del work, ctx.state
+            grad_x = x.new_empty(x.shape)
+        return (grad_x, None, None, *grads)
 
 
-def _scratch_bytes(func, args) -> int:
-    """Bytes an op allocates and frees inside itself, beyond its outputs.
+# per-step cells (GRU, RNN): multiples of T N H kept for backward and held while the
+# outputs are stacked, and the number of gates
+_CELL_STEPS = {"gru": (4, 3, 3), "rnn": (0, 1, 1)}
 
-    oneDNN's LSTM backward (measured on torch 2.11): ``4 (T N G H + G H (I + H))``
-    bytes with ``G = 4`` gates, within 3%.
-    """
-    if func is not torch.ops.aten.mkldnn_rnn_layer_backward.default:
-        return 0
-    steps, batch, inputs = args[0].shape
-    gates = 4 * args[15]
-    return 4 * (steps * batch * gates + gates * (inputs + args[15]))
+
+def _lstm_workspace(steps: int, batch: int, inputs: int, hidden: int) -> int:
+    return 4 * steps * batch * (9 * hidden + 6 * max(inputs, hidden))
+
+
+class _Recurrent(torch.nn.Module):
+    """Holds a recurrent module's parameters; runs :class:`_RecurrentStandIn` over them."""
+
+    def __init__(self, rnn: torch.nn.RNNBase):
+        super().__init__()
+        self.kind = {"LSTM": "lstm", "GRU": "gru"}.get(rnn.mode, "rnn")
+        self.hidden = rnn.hidden_size
+        self.weights = torch.nn.ParameterList(rnn.parameters())
+
+    def forward(self, x):
+        return _RecurrentStandIn.apply(x, self.kind, self.hidden, *self.weights), None
+
+
+def _stand_in_recurrent(model: AcousticModel) -> None:
+    for stack in (model.forward_rnns, model.backward_rnns):
+        for index, rnn in enumerate(stack):
+            stack[index] = _Recurrent(rnn)
 
 
 class _CTCStandIn(torch.autograd.Function):
-    """Allocates what ``ctc_loss`` allocates (fake tensors cannot run the real one).
+    """Allocates what ``ctc_loss`` allocates (no data to run the real one on).
 
     Forward keeps ``log_alpha`` (N, T, 2L + 1) and returns per-sequence losses;
     backward builds ``log_beta`` of the same size and the gradient (T, N, C).
@@ -245,28 +287,31 @@ def estimate_peak_bytes(params: Mapping[str, Any], num_coeffs: int, batch_size: 
                         num_frames: int, optimizer_name: str, dtype: torch.dtype = torch.float32,
                         device: str | torch.device = "cuda", *, num_classes: int = 49,
                         momentum: float = 0.9, weight_decay: float = 0.0,
-                        autocast_dtype: torch.dtype | None = None, train: bool = True) -> int:
+                        train: bool = True) -> int:
     """Peak bytes of one training step of the model ``params`` describe, without real tensors.
 
+    The step runs on meta tensors (shapes only, no data, no arithmetic), so its cost does
+    not grow with the batch or the model (a few hundredths of a second); recurrent
+    layers and CTC run as stand-ins that allocate what the real kernels allocate.
     ``optimizer_name`` is one of the trainer's (adam, adamw, sgd, rmsprop);
     ``momentum`` and ``weight_decay`` as the ``training`` group sets them.
     ``train=False``: the forward pass of dev scoring instead. Raises ConfigError for
     invalid model parameters.
     """
-    from torch._subclasses.fake_tensor import FakeTensorMode
-
     from cnn_mellin.training.schedule import make_optimizer
 
     check_model_config(params, num_coeffs)
     device = torch.device(device)
     if device.type not in ("cpu", "cuda"):
         raise ConfigError(f"memory can be estimated for cpu or cuda devices, not {device.type}")
-    cpu = torch.device("cpu")
+    meta = torch.device("meta")
     tracker = _LiveBytes(_CUDA_BLOCK if device.type == "cuda" else 1)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        with FakeTensorMode(), tracker, torch.device(cpu):
-            model = AcousticModel(params, num_coeffs, num_classes)
+        with tracker:
+            with meta:
+                model = AcousticModel(params, num_coeffs, num_classes)
+            _stand_in_recurrent(model)
             if dtype != torch.float32:
                 model = model.to(dtype)
             optimizer = make_optimizer(model.parameters(), optimizer_name, 1e-3, weight_decay,
@@ -274,6 +319,6 @@ def estimate_peak_bytes(params: Mapping[str, Any], num_coeffs: int, batch_size: 
             if device.type == "cuda":  # torch's default on CUDA: multi-tensor (foreach) kernels
                 for group in optimizer.param_groups:
                     group["foreach"] = True
-            _training_step(model, optimizer, batch_size, num_frames, num_coeffs, dtype, cpu,
-                           _fake_ctc, autocast_dtype, train)
+            _training_step(model, optimizer, batch_size, num_frames, num_coeffs, dtype, meta,
+                           _fake_ctc, None, train)
     return tracker.peak
