@@ -91,30 +91,56 @@ def test_reconstruction_of_a_short_utterance_beats_its_start(victim):
 
 
 @pytest.mark.slow
-def test_a_chunked_attack_resumed_after_a_kill_between_chunks_ends_the_same(victim, tmp_path):
+@pytest.mark.parametrize("restarts, kill_after, chunks_done", [(1, 12, 1), (2, 52, 5)])
+def test_a_chunked_attack_resumed_after_a_kill_between_chunks_ends_the_same(
+        victim, tmp_path, restarts, kill_after, chunks_done):
     model_dir, data = victim
     model = load_model_file(model_dir).model
     feats, targets = read_utterance(data, UTT)
-    attack, defence = settings(iterations=10, grid_size=10, grid_overlap=2, eval_every=5)
+    attack, defence = settings(iterations=10, grid_size=10, grid_overlap=2, eval_every=5,
+                               restarts=restarts)
     whole = invert(model, feats, targets, attack, defence)
 
     class Killed(Exception):
         pass
 
-    def kill_in_second_chunk(step, loss, mae):
-        if step > 12:  # in the second chunk, after the first one's checkpoint
+    def kill(step, loss, mae):
+        if step > kill_after:  # 4 chunks of 10 steps per restart: in the second chunk
             raise Killed()
 
     checkpoint = tmp_path / "utt.pt"
     with pytest.raises(Killed):
-        invert(model, feats, targets, attack, defence, checkpoint=checkpoint,
-               on_point=kill_in_second_chunk)
+        invert(model, feats, targets, attack, defence, checkpoint=checkpoint, on_point=kill)
     replayed = []
     resumed = invert(model, feats, targets, attack, defence, checkpoint=checkpoint,
                      on_point=lambda *point: replayed.append(point))
-    assert resumed.resumed_chunks == 1
+    assert resumed.resumed_chunks == chunks_done
     assert torch.equal(resumed.z, whole.z)
+    assert resumed.distances == whole.distances and resumed.restart == whole.restart
     assert [p[0] for p in replayed] == [p[0] for p in whole.curve]
+
+
+def test_restarts_keep_the_one_with_the_smallest_final_gradient_distance(victim):
+    from cnn_mellin.attack import Objective, shared_gradient
+
+    model_dir, data = victim
+    model = load_model_file(model_dir).model
+    feats, targets = read_utterance(data, UTT)
+    attack, defence = settings(iterations=8, restarts=3, eval_every=8, init="uniform")
+    result = invert(model, feats, targets, attack, defence)
+    assert result.steps == 24 and [p[0] for p in result.curve] == [8, 16, 24]
+    assert len(set(result.distances)) == 3  # three different starts, three different ends
+    assert result.restart == min(range(3), key=result.distances.__getitem__)
+    # measured 2026-12-02: distances 0.638, 0.429, 0.511 and MAEs 0.941, 0.991, 0.930: the
+    # attacker keeps the second restart, not the one closest to the truth (unseen to it)
+    maes = [p[2] for p in result.curve]
+    assert result.restart == 1 and result.mae == maes[1] > min(maes)
+    # the reconstruction returned is the winner's: its distance, as the attacker computes it
+    target = shared_gradient(model, feats, targets, defence,
+                             torch.Generator().manual_seed(attack["seed"]))
+    objective = Objective(model, targets, target, None, attack, model.feat_mean,
+                          model.feat_std)
+    assert objective.distance(result.z) == pytest.approx(result.distance, rel=1e-6)
 
 
 def test_non_finite_steps_are_skipped_and_too_many_is_divergence(victim):

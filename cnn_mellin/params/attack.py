@@ -22,6 +22,10 @@ def _not_lbfgs(values, num_coeffs):
     return values["attack.optimizer"] != "lbfgs"
 
 
+def _finite_difference(values, num_coeffs):
+    return values["attack.hvp"] != "exact"
+
+
 GROUP = Group(
     "attack",
     "Gradient inversion: how the dummy input is optimised to match the victim's gradient.",
@@ -73,6 +77,23 @@ GROUP = Group(
             "normalise_steps", bool, False, "Divide each step's dummy gradient by its norm "
             "(keeps long utterances finite).", search=Search(choices=(False, True)),
             active=_not_lbfgs,
+        ),
+        Param(
+            "restarts", int, 1, "Times the whole attack runs from a new start (a new draw of "
+            "the random inits; the fixed ones plus unit Gaussian noise); the restart with the "
+            "smallest final gradient distance wins.",
+            low=1, high=1000, search=Search(1, 4),
+        ),
+        Param(
+            "hvp", str, "forward", "How the dummy's gradient (the victim's mixed second "
+            "derivative times the distance's gradient) is computed: forward or central "
+            "finite differences of first-order gradients (2 or 3 passes), or exact double "
+            "backward (the slow reference).", choices=("forward", "central", "exact"),
+        ),
+        Param(
+            "fd_epsilon", float, 1e-3, "Finite-difference step: the victim's parameters move "
+            "by this share of their norm.", low=1e-8, high=1.0,
+            search=Search(1e-4, 1e-2, log=True), active=_finite_difference,
         ),
         Param(
             "lr_schedule", str, "constant", "Learning-rate schedule within a chunk.",

@@ -100,8 +100,9 @@ class AttackTask(Task):
         return config
 
     def peak_memory(self, config: Config, device: str) -> MemoryFigure | None:
-        """Estimated: a training step of batch 1 on the longest utterance, three times over
-        (the gradient's graph is kept and differentiated again)."""
+        """Estimated: a training step of batch 1 on the longest utterance, twice over (the
+        finite differences keep copies of the parameters and gradients), three times with
+        ``attack.hvp = exact`` (the gradient's graph is kept and differentiated again)."""
         from cnn_mellin.decoding import load_model_file
         from cnn_mellin.memory import estimate_peak_bytes
 
@@ -110,7 +111,8 @@ class AttackTask(Task):
             victim.config.group("model"), self.num_coeffs, 1, int(self.info["max_frames"]),
             "adam", device="cuda" if device.startswith("cuda") else "cpu",
         )
-        return MemoryFigure(3 * int(step), "estimated (3x one training step, batch 1)")
+        times = 3 if config["attack.hvp"] == "exact" else 2
+        return MemoryFigure(times * int(step), f"estimated ({times}x one training step, batch 1)")
 
     def run(self, config: Config, context: TrialContext) -> TaskResult:
         from cnn_mellin.attack import AttackDiverged, attack_one
@@ -155,6 +157,7 @@ class AttackTask(Task):
                 "snr_db": sum(r["snr_db"] for r in rows) / count,
                 "per_reconstruction": sum(r["per_reconstruction"] for r in rows) / count,
                 "per_original": sum(r["per_original"] for r in rows) / count,
+                "gradient_distance": sum(r["gradient_distance"] for r in rows) / count,
                 "bad_steps": sum(r["bad_steps"] for r in rows),
             },
         )
