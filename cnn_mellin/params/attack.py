@@ -40,7 +40,7 @@ GROUP = Group(
         ),
         Param(
             "iterations", int, 300, "Optimiser steps per chunk of the dummy input.",
-            low=1, high=1000000, search=Search(50, 1000, log=True),
+            low=1, high=1000000, search=Search(50, 800, log=True),
         ),
         Param(
             "init", str, "mean", "Initial dummy: uniform or gaussian noise (normalised "
@@ -82,7 +82,7 @@ GROUP = Group(
             "restarts", int, 1, "Times the whole attack runs from a new start (a new draw of "
             "the random inits; the fixed ones plus unit Gaussian noise); the restart with the "
             "smallest final gradient distance wins.",
-            low=1, high=1000, search=Search(1, 4),
+            low=1, high=1000, search=Search(1, 3),
         ),
         Param(
             "hvp", str, "forward", "How the dummy's gradient (the victim's mixed second "
