@@ -73,7 +73,8 @@ def _ctc_targets(batch_size: int, num_outputs: int, num_classes: int, device) ->
     return torch.randint(1, num_classes, (batch_size, length), device=device)
 
 
-def _training_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, batch_size: int,
+def _training_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer | None,
+                   batch_size: int,
                    num_frames: int, num_coeffs: int, dtype: torch.dtype, device: torch.device,
                    ctc: Callable, autocast_dtype: torch.dtype | None,
                    train: bool = True) -> None:
@@ -94,8 +95,9 @@ def _training_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, bat
     loss = ctc(log_probs.float(), targets, [num_outputs] * batch_size,
                [targets.shape[1]] * batch_size)
     loss.backward()  # the batch, log-probs and loss stay alive, as in the trainer's loop
-    torch.nn.utils.clip_grad_norm_(model.parameters(), 5.0)
-    optimizer.step()
+    if optimizer is not None:  # (the estimate adds the step's bytes itself)
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 5.0)
+        optimizer.step()
 
 
 def measure_peak_bytes(model: torch.nn.Module, batch_size: int, num_frames: int,
@@ -298,14 +300,18 @@ def estimate_peak_bytes(params: Mapping[str, Any], num_coeffs: int, batch_size: 
     ``train=False``: the forward pass of dev scoring instead. Raises ConfigError for
     invalid model parameters.
     """
-    from cnn_mellin.training.schedule import make_optimizer
+    from cnn_mellin.training.schedule import OPTIMIZERS
 
     check_model_config(params, num_coeffs)
     device = torch.device(device)
     if device.type not in ("cpu", "cuda"):
         raise ConfigError(f"memory can be estimated for cpu or cuda devices, not {device.type}")
+    if optimizer_name not in OPTIMIZERS:
+        raise ConfigError(f"unknown optimizer {optimizer_name!r}; allowed: "
+                          f"{', '.join(OPTIMIZERS)}")
     meta = torch.device("meta")
-    tracker = _LiveBytes(_CUDA_BLOCK if device.type == "cuda" else 1)
+    block = _CUDA_BLOCK if device.type == "cuda" else 1
+    tracker = _LiveBytes(block)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         with tracker:
@@ -314,11 +320,36 @@ def estimate_peak_bytes(params: Mapping[str, Any], num_coeffs: int, batch_size: 
             _stand_in_recurrent(model)
             if dtype != torch.float32:
                 model = model.to(dtype)
-            optimizer = make_optimizer(model.parameters(), optimizer_name, 1e-3, weight_decay,
-                                       momentum)
-            if device.type == "cuda":  # torch's default on CUDA: multi-tensor (foreach) kernels
-                for group in optimizer.param_groups:
-                    group["foreach"] = True
-            _training_step(model, optimizer, batch_size, num_frames, num_coeffs, dtype, meta,
+            _training_step(model, None, batch_size, num_frames, num_coeffs, dtype, meta,
                            _fake_ctc, None, train)
-    return tracker.peak
+            if not train:
+                return tracker.peak
+            sizes = [math.ceil(p.numel() * p.element_size() / block) * block
+                     for p in model.parameters()]
+            step = _optimizer_step_bytes(sizes, optimizer_name, momentum, weight_decay,
+                                         foreach=device.type == "cuda")
+            return max(tracker.peak, tracker.live + step)
+
+
+def _optimizer_step_bytes(sizes: list[int], name: str, momentum: float, weight_decay: float,
+                          foreach: bool) -> int:
+    """Bytes an optimiser step adds at its peak to what backward left: the state it
+    creates at its first step plus its largest temporaries, as torch's code allocates them.
+
+    ``sizes``: the parameters' bytes. Single-tensor code (CPU) holds temporaries of one
+    parameter at a time; multi-tensor (``foreach``, CUDA) code of all of them at once.
+    Adam and AdamW keep two moments and take ``sqrt`` then divide (two temporaries);
+    L2 weight decay (adam, sgd, rmsprop; not adamw's decoupled one) adds the decayed
+    gradient; SGD keeps a momentum buffer when it has momentum; RMSprop keeps its square
+    average (and a momentum buffer) and takes one ``sqrt`` temporary.
+    """
+    total, largest = sum(sizes), max(sizes, default=0)
+    decayed = weight_decay > 0 and name != "adamw"
+    if name in ("adam", "adamw"):
+        state, temporaries = 2, 2 if not foreach else 1
+    elif name == "sgd":
+        state, temporaries = (1 if momentum > 0 else 0), 0
+    else:
+        state, temporaries = (2 if momentum > 0 else 1), 1
+    temporaries += decayed
+    return state * total + temporaries * (total if foreach else largest)

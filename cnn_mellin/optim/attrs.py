@@ -17,6 +17,9 @@ PRUNE_KIND = "prune_kind"  # pruner | memory | oom | invalid | nonfinite | a tas
 RESUMED_FROM = "resumed_from_epoch"
 RESUMED_FROM_STEP = "resumed_from_step"  # optimiser steps a retry found in its checkpoint
 STOPPED_AT_STEP = "stopped_at_step"  # where an interrupted trial checkpointed before handing back
+# draws of this trial's parameters rejected before it (never trials, never trained)
+DRAWS_REJECTED_MEMORY = "draws_rejected_memory"
+DRAWS_REJECTED_INVALID = "draws_rejected_invalid"
 
 # -- trial user attributes of the budget: replacements and failures -----------------------
 REPLACES = "replaces"
