@@ -14,6 +14,7 @@ checkpointing it (file ``step``), and a retry goes on from there like ``asr`` do
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import os
 import signal
@@ -116,3 +117,13 @@ class FakeTask(Task):
             resumed_from_epoch=start or None,
             attrs={RESUMED_FROM_STEP: resumed_step} if resumed_step else {},
         )
+
+
+class StubbornFakeTask(FakeTask):
+    """The fake task that cannot stop on request (like ``command``): never asks."""
+
+    name = "fake-stubborn"
+    STOPS_ON_REQUEST = False
+
+    def run(self, config, context):
+        return super().run(config, dataclasses.replace(context, stop_requested=lambda: False))

@@ -604,41 +604,6 @@ def test_data_dir_override_for_a_task_without_data_is_an_error(tmp_path):
     assert overridden(settings, None, "c").checkpoint_dir == str(Path("c").resolve())
 
 
-def test_a_task_that_does_not_stop_within_the_grace_is_interrupted(tmp_path, monkeypatch):
-    import threading
-
-    from cnn_mellin.optim import worker as worker_module
-
-    url = _journal(tmp_path)
-    fake_study(url, tmp_path, name="slow", num_trials=1, whitelist=["training.learning_rate"],
-               base={"training.num_epochs": 1})
-    monkeypatch.setenv("FAKE_EPOCH_S", "30")  # one step of 30 s: no chance to stop politely
-    monkeypatch.setattr(worker_module, "STOP_GRACE_S", 0.5)
-
-    def send_when_running():
-        deadline = time.monotonic() + 60
-        while time.monotonic() < deadline:
-            if load(url, "slow").get_trials(states=(TrialState.RUNNING,)):
-                time.sleep(0.3)
-                os.kill(os.getpid(), signal.SIGTERM)
-                return
-            time.sleep(0.05)
-
-    sender = threading.Thread(target=send_when_running)
-    sender.start()
-    handlers = [signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGINT, signal.SIGALRM)]
-    began = time.monotonic()
-    summary = run_worker(url, "slow")
-    sender.join()
-    assert summary.exit_code == 128 + signal.SIGTERM
-    assert time.monotonic() - began < 20
-    [failed] = load(url, "slow").get_trials(states=(TrialState.FAIL,))
-    assert failed.user_attrs["fail_kind"] == "interrupted"
-    assert "stopped_at_step" not in failed.user_attrs
-    assert [signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGINT, signal.SIGALRM)] \
-        == handlers
-
-
 @pytest.mark.slow
 def test_a_busy_worker_takes_anothers_retry_before_fresh_trials(tmp_path):
     url = _journal(tmp_path)

@@ -12,6 +12,7 @@ trial clears the attribute, so another idle worker (if any) takes its place.
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 
 import optuna
 
@@ -23,8 +24,10 @@ from cnn_mellin.optim.heartbeat import WorkerIdentity
 class Standby:
     """One worker's view of the study's standby."""
 
-    def __init__(self, study: optuna.Study, me: WorkerIdentity, grace_s: float):
+    def __init__(self, study: optuna.Study, me: WorkerIdentity, grace_s: float,
+                 check: Callable[[], None] | None = None):
         self._study = study
+        self._check = check  # runs before every idle look; raises to end the waiting
         self._me = me
         self._grace_s = grace_s
         self._count = 0
@@ -45,6 +48,8 @@ class Standby:
 
     def stay(self) -> bool:
         """One idle look: True if this worker is (now) the standby, False if it may leave."""
+        if self._check is not None:
+            self._check()
         value, holder = self._read()
         self.holder = holder
         if holder is not None and holder.same_process(self._me):

@@ -11,9 +11,13 @@ error fails it, enqueues its one retry and stops the worker, and that retry fail
 pruned as invalid (the error goes with the parameters).
 SIGTERM / SIGINT fail the running trial as interrupted and enqueue its retry, which
 resumes from the trial's checkpoints; a task that stops on request (``asr``) first saves a
-checkpoint of the step it is at (within :data:`STOP_GRACE_S`). The loop ends when the
-budget is done, or when nothing is left to claim and another idle worker stands by for
-retries (:mod:`cnn_mellin.optim.standby`): idle workers give their allocation back.
+checkpoint of the step it is at (within :data:`STOP_GRACE_S`). Signal handlers only set a
+flag: the worker acts on it at safe points, and a stop watchdog thread (see
+:meth:`Worker.watch_stop`) hands back the trial of a task that cannot stop on request and
+ends the process, instead of raising into whatever native code the main thread runs.
+The loop ends when the budget is done, or when nothing is left to claim and another idle
+worker stands by for retries (:mod:`cnn_mellin.optim.standby`): idle workers give their
+allocation back.
 """
 
 from __future__ import annotations
@@ -79,21 +83,16 @@ _log = logging.getLogger("cnn_mellin.optim")
 MAX_CONSECUTIVE_ERRORS = 3
 CLAIM_REFRESH_S = 5.0
 # after SIGTERM, how long a task that stops on request may take to save its step before
-# the worker interrupts it; below SLURM's default KillWait (30 s) between SIGTERM and SIGKILL
+# the worker hands its trial back without it; below SLURM's default KillWait (30 s) between
+# SIGTERM and SIGKILL
 STOP_GRACE_S = 20.0
-
-
-def _ignore_signals() -> None:
-    """From here on the trial is being handed back: a second signal must not interrupt that."""
-    if threading.current_thread() is not threading.main_thread():
-        return
-    signal.setitimer(signal.ITIMER_REAL, 0)
-    for ignored in (signal.SIGTERM, signal.SIGINT, signal.SIGALRM):
-        signal.signal(ignored, signal.SIG_IGN)
+_WATCH_S = 0.1  # how often the stop watchdog looks at the flags
 
 
 class WorkerStopped(BaseException):
-    """SIGTERM or SIGINT arrived: stop after failing (and re-enqueueing) the current trial."""
+    """SIGTERM or SIGINT arrived: stop after failing (and re-enqueueing) the current trial.
+
+    Raised by the worker itself at a safe point (never by a signal handler)."""
 
     def __init__(self, signum: int):
         super().__init__(signal.Signals(signum).name)
@@ -249,32 +248,92 @@ class Worker:
             self.study, refresh_s=CLAIM_REFRESH_S, seed=self.identity.pid
         )
         self.monitor.on_enqueue = self.claimer.invalidate
-        self.standby = Standby(self.study, self.identity, self.settings.heartbeat_grace)
-        self.stop_signal: int | None = None  # set by a SIGTERM/SIGINT the task may finish
+        self.standby = Standby(self.study, self.identity, self.settings.heartbeat_grace,
+                               check=self._raise_if_stopped)
+        self.stop_signal: int | None = None  # the first SIGTERM/SIGINT (set by on_signal)
+        self._urgent = False  # a second signal: hand the trial back now
         self._polite = False  # inside the run of a task that stops on request
+        self._owned: FrozenTrial | None = None  # the trial this worker runs now
+        self._ending = threading.RLock()  # held while a trial is ended (told, failed)
+        self.outcomes: Counter = Counter()  # every trial's outcome, a stopped one included
 
     # -- signals ------------------------------------------------------------------------
 
     def on_signal(self, signum: int, _frame=None) -> None:
-        """SIGTERM/SIGINT: ask a task that stops on request to save its step, else stop now."""
-        if self.stop_signal is None and self._polite:
-            self.stop_signal = signum
-            _log.warning("%s: the trial saves the step it is at, then the worker stops",
-                         signal.Signals(signum).name)
-            signal.signal(signal.SIGALRM, self._stop_now)
-            signal.setitimer(signal.ITIMER_REAL, STOP_GRACE_S)
-            return
-        self._stop_now(signum)
+        """SIGTERM/SIGINT: set the stop flag, nothing else (a second signal: stop now).
 
-    def _stop_now(self, signum: int, _frame=None) -> None:
-        if signum == signal.SIGALRM:
-            _log.warning("the trial did not stop within %g s; interrupting it", STOP_GRACE_S)
-            signum = self.stop_signal or signal.SIGTERM
-        _ignore_signals()
-        raise WorkerStopped(signum)
+        A handler that raised, or did any work, ran inside whatever the main thread was
+        doing: torch's backward pass, a checkpoint's fsync, a database transaction.
+        """
+        if self.stop_signal is None:
+            self.stop_signal = signum
+        else:
+            self._urgent = True
 
     def _stop_requested(self) -> bool:
         return self.stop_signal is not None
+
+    def _raise_if_stopped(self) -> None:
+        """A safe point outside trials: a stop requested ends the worker here."""
+        if self.stop_signal is not None:
+            raise WorkerStopped(self.stop_signal)
+
+    def watch_stop(self, done: threading.Event) -> None:
+        """The stop watchdog, a thread beside the main one until ``done`` is set.
+
+        Once a signal set the flag, a task that stops on request (``asr``) gets
+        :data:`STOP_GRACE_S` to save its step and hand its trial back in the main thread;
+        a trial of any other task is handed back at once, and so is any trial at a second
+        signal or after the grace. Handing back here means: fail the trial as interrupted,
+        enqueue its retry, end the process (``os._exit``, 128 + the signal): the main thread
+        is never interrupted, whatever native code it runs. The task's children go with it
+        (loader workers and the ``command`` guard notice their parent is gone). A worker
+        without a trial stops at its next safe point (:meth:`_raise_if_stopped`).
+        """
+        while self.stop_signal is None:
+            if done.wait(_WATCH_S):
+                return
+        name = signal.Signals(self.stop_signal).name
+        polite = self.task.STOPS_ON_REQUEST
+        _log.warning("%s: %s", name, "the trial saves the step it is at, then the worker stops"
+                     if polite else "the worker hands its trial back and stops")
+        deadline = time.monotonic() + STOP_GRACE_S
+        while not done.wait(_WATCH_S):
+            if self._urgent or time.monotonic() >= deadline or \
+                    (self._owned is not None and not polite):
+                break
+        else:
+            return
+        with self._ending:
+            if done.is_set():  # the main thread got there first
+                return
+            trial = self._owned
+            if trial is not None:
+                if polite and not self._urgent:
+                    _log.warning("trial %d did not stop within %g s", trial.number,
+                                 STOP_GRACE_S)
+                if self._hand_back(trial, f"worker stopped by {name}"):
+                    self.outcomes["interrupted"] += 1
+            _log.warning("worker stopped by %s%s", name,
+                         "; its trial was re-enqueued" if trial is not None else "")
+            _log.info("worker done: %s", WorkerSummary(self.outcomes))
+            for handler in logging.getLogger().handlers:
+                handler.flush()
+            sys.stdout.flush()
+            sys.stderr.flush()
+            os._exit(128 + self.stop_signal)
+
+    def _hand_back(self, trial: FrozenTrial, reason: str) -> bool:
+        """Fail the RUNNING ``trial`` as interrupted and enqueue its retry (any thread)."""
+        try:
+            frozen = internals.storage(self.study).get_trial(internals.trial_id(trial))
+            if frozen.state != TrialState.RUNNING:
+                return False
+            return budget.fail_and_replace(self.study, frozen, "interrupted", reason,
+                                           self.settings.max_retries)
+        except Exception as err:  # the database is away: the reaper retries the trial
+            _log.error("trial %d could not be handed back: %s", trial.number, _one_line(err))
+            return False
 
     # -- the loop -----------------------------------------------------------------------
 
@@ -356,10 +415,21 @@ class Worker:
             return "lost"
         self.monitor.own(trial_id)
         self._trial_dir = None
+        self._owned = claimed
         try:
+            with self._ending:
+                if self.stop_signal is not None:  # claimed as the stop came: not started
+                    self._hand_back(claimed, "worker stopped by "
+                                    f"{signal.Signals(self.stop_signal).name} before it began")
+                    raise WorkerStopped(self.stop_signal)
             outcome = self._run_owned(claimed)
+        except WorkerStopped:
+            self.outcomes["interrupted"] += 1
+            raise
         finally:
+            self._owned = None
             self.monitor.release()
+        self.outcomes[outcome] += 1
         if outcome in ("complete", "pruned") and self._trial_dir and not self.keep_checkpoints:
             try:
                 freed = self.task.discard(self._trial_dir)
@@ -417,13 +487,13 @@ class Worker:
             self._fail(trial, claimed, "interrupted", f"worker stopped by {stop}")
             raise
         except TrialInterrupted as stopped:
-            _ignore_signals()
             signum = self.stop_signal or signal.SIGTERM
-            for key in (STOPPED_AT_STEP, EPOCHS):
-                if key in facts:
-                    storage.set_trial_user_attr(trial_id, key, facts[key])
-            self._fail(trial, claimed, "interrupted",
-                       f"worker stopped by {signal.Signals(signum).name}: {stopped}")
+            with self._ending:
+                for key in (STOPPED_AT_STEP, EPOCHS):
+                    if key in facts:
+                        storage.set_trial_user_attr(trial_id, key, facts[key])
+                self._fail(trial, claimed, "interrupted",
+                           f"worker stopped by {signal.Signals(signum).name}: {stopped}")
             raise WorkerStopped(signum) from None
         except DatabaseUnreachable:  # nothing can be written; the reaper retries the trial
             raise
@@ -621,6 +691,10 @@ class Worker:
         return self._tell(trial, facts, TrialState.PRUNED, None)
 
     def _tell(self, trial, facts: dict, state: TrialState, value: float | None) -> str:
+        with self._ending:
+            return self._tell_now(trial, facts, state, value)
+
+    def _tell_now(self, trial, facts: dict, state: TrialState, value: float | None) -> str:
         try:
             self._write_facts(trial, facts)
             if state == TrialState.COMPLETE:
@@ -642,10 +716,11 @@ class Worker:
         return "complete" if state == TrialState.COMPLETE else "pruned"
 
     def _fail(self, trial: optuna.Trial, claimed: FrozenTrial, kind: str, reason: str) -> None:
-        frozen = internals.storage(self.study).get_trial(internals.trial_id(trial))
-        if frozen.state != TrialState.RUNNING:
-            return
-        budget.fail_and_replace(self.study, frozen, kind, reason, self.settings.max_retries)
+        with self._ending:
+            frozen = internals.storage(self.study).get_trial(internals.trial_id(trial))
+            if frozen.state != TrialState.RUNNING:
+                return
+            budget.fail_and_replace(self.study, frozen, kind, reason, self.settings.max_retries)
         self.claimer.invalidate()
 
 
@@ -686,21 +761,28 @@ def run_worker(
         max_outage_s=max_outage_s, keep_checkpoints=keep_checkpoints, data_dir=data_dir,
         checkpoint_dir=checkpoint_dir,
     )
-    in_main = threading.current_thread() is threading.main_thread()
     previous = {}
-    if in_main:
-        for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGALRM):
-            previous[signum] = signal.signal(signum, signal.getsignal(signum))
+    done = threading.Event()
+    watchdog = None
+    if threading.current_thread() is threading.main_thread():  # else no signals come here
         for signum in (signal.SIGTERM, signal.SIGINT):
-            signal.signal(signum, worker.on_signal)
+            previous[signum] = signal.signal(signum, worker.on_signal)
+        watchdog = threading.Thread(target=worker.watch_stop, args=(done,),
+                                    name="cnn-mellin-stop", daemon=True)
+        watchdog.start()
     try:
         summary = worker.run()
+        if worker.stop_signal is not None:  # the last trial ended as the stop came
+            raise WorkerStopped(worker.stop_signal)
     except WorkerStopped as stop:
-        summary = WorkerSummary(exit_code=128 + stop.signum)
-        _log.warning("worker stopped by %s; its trial was re-enqueued", stop)
+        summary = WorkerSummary(Counter(worker.outcomes), exit_code=128 + stop.signum)
+        _log.warning("worker stopped by %s%s", stop, "; its trial was re-enqueued"
+                     if worker.outcomes["interrupted"] else "")
     finally:
-        if in_main:
-            signal.setitimer(signal.ITIMER_REAL, 0)
+        with worker._ending:  # the watchdog either ended the process already, or never will
+            done.set()
+        if watchdog is not None:
+            watchdog.join()
         for signum, handler in previous.items():
             signal.signal(signum, handler)
     _log.info("worker done: %s", summary)
@@ -773,18 +855,23 @@ def run_workers(
     for process in processes:
         process.start()
 
-    def forward(signum, _frame):
-        # Ctrl-C reaches the children through the process group; SIGTERM (e.g. from
-        # SLURM to this process) is passed on
-        if signum == signal.SIGTERM:
-            for process in processes:
-                if process.is_alive():
-                    process.terminate()
+    received: list[int] = []
 
-    previous = {s: signal.signal(s, forward) for s in (signal.SIGTERM, signal.SIGINT)}
+    def note(signum, _frame):  # a flag only; the loop below acts on it
+        received.append(signum)
+
+    previous = {s: signal.signal(s, note) for s in (signal.SIGTERM, signal.SIGINT)}
     try:
-        for process in processes:
-            process.join()
+        passed = 0
+        while alive := [p for p in processes if p.is_alive()]:
+            # Ctrl-C reaches the children through the process group; SIGTERM (e.g. from
+            # SLURM to this process only) is passed on, a second one too
+            terms = received.count(signal.SIGTERM)
+            if terms > passed:
+                passed = terms
+                for process in alive:
+                    process.terminate()
+            alive[0].join(timeout=_WATCH_S)
     finally:
         for signum, handler in previous.items():
             signal.signal(signum, handler)
