@@ -17,6 +17,7 @@ from cnn_mellin.optim.attrs import PRUNE_KIND, PRUNE_REASON, WORKER
 from cnn_mellin.optim.budget import fail_and_replace
 from cnn_mellin.optim.importance import rank
 from cnn_mellin.optim.report.story import LINEAGE
+from cnn_mellin.optim.status import draw_counts
 from cnn_mellin.optim.study import read_settings
 from cnn_mellin.optim.worker import run_worker
 from tests import chromium
@@ -129,12 +130,15 @@ def test_report_marks_pruned_trials_and_reasons(full_report):
     ends = next(trace for trace in curves["data"] if trace["name"] == "pruned here")
     assert sorted(d[0] for d in ends["customdata"]) == sorted(t.number for t in pruned)
     kinds = {t.user_attrs["prune_kind"] for t in study.trials if t.state == TrialState.PRUNED}
-    assert {"memory", "oom", "pruner"} <= kinds
+    assert {"oom", "pruner"} <= kinds
+    assert "memory" not in kinds  # draws over the limit are redrawn, never trials
     reasons = _figure_json(page, "fig-sm-reasons")["data"][0]
     assert set(reasons["y"]) == {f"pruned: {k}" for k in kinds} | {"failed: dead"}
     assert "worker vm:123 stopped sending heartbeats" in page
-    memory = _figure_json(page, "fig-sm-memory")
-    assert any(trace.get("y") and "pruned: memory" in trace["y"] for trace in memory["data"])
+    draws = draw_counts(study.trials)
+    assert draws["rejected_memory"] > 0
+    assert f"{draws['rejected_memory']} over the memory limit, " \
+        f"{draws['rejected_invalid']} invalid: never trials" in page
 
 
 def test_report_draws_every_figure_in_chromium(full_report, tmp_path):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pytest
+from optuna.trial import TrialState
 
 from cnn_mellin.optim.study import read_settings
 from cnn_mellin.optim.worker import run_worker
@@ -31,8 +32,10 @@ def _init_options(tmp_path, name):
 def test_stage_reproduces_the_three_commands_and_records_its_lineage(cli, parent, tmp_path):
     url, root = parent
     three, one = tmp_path / "three", tmp_path / "one"
-    assert cli("optim", "--study-name", "sm", url, "important", "--top-k=2",
-               three / "md.params")[0] == 0
+    completed = len(load(url, "sm").get_trials(states=(TrialState.COMPLETE,)))
+    code, _, err = cli("optim", "--study-name", "sm", url, "important", "--top-k=2",
+                       three / "md.params")
+    assert code == 0 and f"sm: ranked from {completed} completed trials" in err, err
     assert cli("optim", "--study-name", "sm", url, "best", "--independent",
                three / "md.ini")[0] == 0
     code, _, err = cli("--read-ini", three / "md.ini", "optim", "--study-name", "md-three", url,
@@ -55,6 +58,7 @@ def test_stage_reproduces_the_three_commands_and_records_its_lineage(cli, parent
     lineage = staged.user_attrs["lineage"]
     kept = (one / "md.params").read_text().split()
     assert lineage["parent"] == "sm" and list(lineage["kept"]) == kept
+    assert lineage["ranked_from"] == completed
     assert all(0 < v <= 1 for v in lineage["kept"].values())
     assert sorted(lineage["carried"]) == sorted(set(SEARCH) - set(kept))
     ini = (one / "md.ini").read_text()
@@ -63,6 +67,7 @@ def test_stage_reproduces_the_three_commands_and_records_its_lineage(cli, parent
     code, out, _ = cli("optim", "--study-name", "md", url, "status")
     assert code == 0
     assert f"stage of sm: searching {kept[0]} (" in out and "  carried: " in out
+    assert f"  ranked from {completed} completed trials" in out
     # the same stage again is a no-op
     code, out, err = cli("optim", "--study-name", "md", url, "stage", "sm", root / "data",
                          "--top-k", "2", "--independent", "--conf-dir", one,
@@ -109,3 +114,14 @@ def test_stage_keeps_only_parameters_that_can_matter_with_the_carried_configurat
     assert _active(settings, carried, names) == {"training.learning_rate", "data.batch_size"}
     sgd = carried.replace({"training.optimizer": "sgd"})
     assert _active(settings, sgd, names) == set(names)
+
+
+def test_important_warns_when_it_ranks_from_too_few_trials(cli, tmp_path):
+    url = str(tmp_path / "studies.journal")
+    fake_study(url, tmp_path, name="few", num_trials=4,
+               whitelist=["training.learning_rate", "data.batch_size"])
+    assert run_worker(url, "few", seed=1).exit_code == 0
+    code, out, err = cli("optim", "--study-name", "few", url, "important", "--top-k=2", "-")
+    assert code == 0 and len(out.split()) == 2  # the names alone on standard output
+    assert "few: ranked from 4 completed trials; warning: below 12 a ranking is mostly " \
+        "noise" in err

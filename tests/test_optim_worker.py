@@ -6,6 +6,7 @@ import os
 import signal
 import socket
 import time
+from collections import Counter
 from pathlib import Path
 
 import optuna
@@ -17,6 +18,7 @@ from cnn_mellin.optim import budget
 from cnn_mellin.optim.attrs import BEAT_KEY
 from cnn_mellin.optim.attrs import WORKER as WORKER_ATTR
 from cnn_mellin.optim.heartbeat import Monitor, StaleWatch, WorkerIdentity
+from cnn_mellin.optim.status import study_status
 from cnn_mellin.optim.study import checkpoint_root, read_settings
 from cnn_mellin.optim.worker import run_worker
 from tests.optim_helpers import (
@@ -84,12 +86,8 @@ def test_complete_trials_record_their_facts(tmp_path):
 
 
 @pytest.mark.parametrize("base, limit, kind, reason", [
-    ({"data.batch_size": 64}, 40_000_000, "memory",
-     "needs 64000000 bytes (estimated) on cpu, over the limit of 40000000 bytes"),
     ({"training.optimizer": "sgd"}, None, "oom", "out of memory: fake allocation failure"),
     ({"training.optimizer": "rmsprop"}, None, "nonfinite", "non-finite value nan at epoch 1"),
-    ({"model.window_size": 2, "model.window_stride": 4}, None, "invalid",
-     "invalid configuration: window_size must be at least window_stride"),
 ])
 def test_bad_trials_are_pruned_with_reasons(tmp_path, base, limit, kind, reason):
     url = _journal(tmp_path)
@@ -101,11 +99,73 @@ def test_bad_trials_are_pruned_with_reasons(tmp_path, base, limit, kind, reason)
         assert trial.state == TrialState.PRUNED
         assert trial.user_attrs["prune_kind"] == kind
         assert trial.user_attrs["prune_reason"] == reason
+
+
+@pytest.mark.parametrize("base, limit, kind, reason, rejected", [
+    ({"data.batch_size": 64}, 40_000_000, "memory",
+     "needs 64000000 bytes (estimated) on cpu, over the limit of 40000000 bytes",
+     "1000 over the memory limit, 0 invalid; the smallest needs 64000000 bytes"),
+    ({"model.window_size": 2, "model.window_stride": 4}, None, "invalid",
+     "invalid configuration: window_size must be at least window_stride",
+     "0 over the memory limit, 1000 invalid)"),
+])
+def test_a_fixed_configuration_that_cannot_run_is_pruned_and_a_space_without_one_too(
+        tmp_path, base, limit, kind, reason, rejected):
+    # the base (fixed values: judged as it is) cannot run; no draw of the learning rate
+    # changes that, so the sampled trial finds no feasible draw (init refuses such a space)
+    url = _journal(tmp_path)
+    fake_study(url, tmp_path, num_trials=2, whitelist=["training.learning_rate"], base=base,
+               mem_limit_bytes=limit)
+    summary = run_worker(url, "fake", seed=0)
+    assert summary.exit_code == 0 and summary.outcomes == {"pruned": 2}
+    first, drawn = sorted(load(url, "fake").get_trials(), key=lambda t: t.number)
+    assert first.user_attrs["prune_kind"] == kind
+    assert first.user_attrs["prune_reason"] == reason
+    assert first.user_attrs["epochs"] == 0  # pruned before any training
     if kind == "memory":
-        assert trial.user_attrs["admission_bytes"] == 64_000_000
-        assert trial.user_attrs["epochs"] == 0  # pruned before any training
-        assert trial.system_attrs["constraints:memory"] == pytest.approx(0.6)
-        assert not (tmp_path / "ckpt" / "fake").exists()
+        assert first.user_attrs["admission_bytes"] == 64_000_000
+        assert first.system_attrs["constraints:memory"] == pytest.approx(0.6)
+    assert drawn.user_attrs["prune_kind"] == "infeasible"
+    assert drawn.user_attrs["prune_reason"] == f"no feasible configuration in 1000 draws " \
+        f"({rejected}" + (" (estimated) on cpu, over the limit of 40000000 bytes)"
+                          if kind == "memory" else "")
+    assert not (tmp_path / "ckpt" / "fake").exists()
+
+
+def test_draws_over_the_limit_never_become_trials_nor_take_the_budget(tmp_path):
+    # batch sizes 4..64 drawn log-uniformly, 1 MB each: 85 % of draws exceed 5 MB
+    url = _journal(tmp_path)
+    fake_study(url, tmp_path, num_trials=6, whitelist=["data.batch_size",
+                                                       "training.learning_rate"],
+               base={"data.batch_size": 4}, mem_limit_bytes=5_000_000)
+    summary = run_worker(url, "fake", sampler="random", seed=2)
+    assert summary.exit_code == 0 and summary.outcomes == {"complete": 6}
+    trials = load(url, "fake").get_trials()
+    assert len(trials) == 6  # no trial beyond the budget: rejected draws are not trials
+    assert all(t.state == TrialState.COMPLETE for t in trials)
+    assert all(t.params["data.batch_size"] <= 5 for t in trials)
+    assert all(t.system_attrs["constraints:memory"] <= 0 for t in trials)
+    drawn = [t for t in trials if t.number > 0]  # trial 0 is the base, nothing drawn
+    rejected = sum(t.user_attrs["draws_rejected_memory"] for t in drawn)
+    assert rejected >= 10  # about 5.7 per accepted draw here
+    assert all(t.user_attrs["draws_rejected_invalid"] == 0 for t in drawn)
+    status = study_status(load(url, "fake"), read_settings(load(url, "fake")))
+    accepted = [t for t in trials if "draws_rejected_memory" in t.user_attrs]
+    total = sum(t.user_attrs["draws_rejected_memory"] for t in accepted)
+    assert status["draws"] == {"draws": len(accepted) + total, "accepted": len(accepted),
+                               "rejected_memory": total, "rejected_invalid": 0}
+    assert status["workers"]["workers"] == 1 and status["workers"]["busy_s"] > 0
+    assert 0 <= status["workers"]["idle_s"] < status["workers"]["seconds"]
+    # the same seed draws the same sequence, rejections included
+    again = tmp_path / "again"
+    again.mkdir()
+    fake_study(_journal(again), again, num_trials=6, whitelist=["data.batch_size",
+                                                                "training.learning_rate"],
+               base={"data.batch_size": 4}, mem_limit_bytes=5_000_000)
+    run_worker(_journal(again), "fake", sampler="random", seed=2)
+    repeat = {t.number: (t.params, t.user_attrs["draws_rejected_memory"])
+              for t in load(_journal(again), "fake").get_trials() if t.number > 0}
+    assert repeat == {t.number: (t.params, t.user_attrs["draws_rejected_memory"]) for t in drawn}
 
 
 def test_errors_fail_and_are_replaced_then_the_worker_stops(tmp_path, monkeypatch):
@@ -210,17 +270,21 @@ def test_late_config_error_prunes_the_trial(tmp_path, monkeypatch):
             "invalid configuration: fake combination that cannot train"
 
 
-def test_tpe_uses_the_memory_constraint(tmp_path):
+def test_tpe_draws_feasible_trials_and_receives_their_constraint(tmp_path):
     url = _journal(tmp_path)
-    fake_study(url, tmp_path, num_trials=6, whitelist=["data.batch_size",
-                                                       "training.learning_rate"],
+    fake_study(url, tmp_path, num_trials=14, whitelist=["data.batch_size",
+                                                        "training.learning_rate"],
                mem_limit_bytes=30_000_000)
     assert run_worker(url, "fake", sampler="tpe", seed=5).exit_code == 0
     study = load(url, "fake")
-    for trial in study.get_trials():
-        assert trial.state in (TrialState.COMPLETE, TrialState.PRUNED)
-        violation = trial.system_attrs["constraints:memory"]
-        assert (violation > 0) == (trial.params["data.batch_size"] * 1_000_000 > 30_000_000)
+    trials = study.get_trials()
+    assert all(t.state == TrialState.COMPLETE for t in trials)
+    for trial in trials:  # what TPE reads (Trial.set_constraint): the margin under the limit
+        assert trial.system_attrs["constraints:memory"] == pytest.approx(
+            trial.params["data.batch_size"] * 1_000_000 / 30_000_000 - 1)
+    # every drawn trial, past TPE's 10 random start-up trials too, was judged before it ran
+    assert {t.number for t in trials if "draws_rejected_memory" in t.user_attrs} >= \
+        set(range(1, 14))
 
 
 def test_sampling_is_reproducible_per_trial_number(tmp_path):
@@ -700,3 +764,21 @@ def test_a_trial_taken_for_dead_as_it_is_claimed_is_dropped(tmp_path, monkeypatc
     monkeypatch.setattr(worker.claimer, "claim", claim)
     summary = worker.run()
     _assert_one_lost_two_completed(summary, url)
+
+
+def test_two_workers_both_train_when_most_draws_exceed_the_limit(tmp_path):
+    # the main job's sm stage had one worker idle while the other trained the base alone:
+    # the rest of the budget had gone to draws over the limit, pruned in seconds
+    url = _journal(tmp_path)
+    fake_study(url, tmp_path, num_trials=6, whitelist=["data.batch_size",
+                                                       "training.learning_rate"],
+               base={"data.batch_size": 4}, mem_limit_bytes=5_000_000)
+    workers = [start_worker(url, "fake", seed=i, FAKE_EPOCH_S=0.3) for i in range(2)]
+    assert [code for code, _ in wait_all(workers)] == [0, 0]
+    study = load(url, "fake")
+    trials = study.get_trials()
+    assert len(trials) == 6 and all(t.state == TrialState.COMPLETE for t in trials)
+    ran = Counter(t.user_attrs[WORKER_ATTR]["pid"] for t in trials)
+    assert sorted(ran) == sorted(w.pid for w in workers) and min(ran.values()) >= 2
+    times = study_status(study, read_settings(study))["workers"]
+    assert times["workers"] == 2 and times["busy_s"] >= 6 * 3 * 0.3

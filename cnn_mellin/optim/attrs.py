@@ -44,3 +44,4 @@ BEAT_KEY = "cnn_mellin:heartbeat"  # trial: the worker's last heartbeat
 READY_KEY = "cnn_mellin:ready"  # study: init finished writing
 UID_KEY = "cnn_mellin:uid"  # study: names its checkpoint folder
 STANDBY_KEY = "cnn_mellin:standby"  # study: the idle worker that stays for retries
+WORKER_TIME_PREFIX = "cnn_mellin:worker_time:"  # study: per worker, {"seconds", "busy_s"}

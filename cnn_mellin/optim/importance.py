@@ -18,6 +18,10 @@ from cnn_mellin.optim.defaults import EVALUATORS
 from cnn_mellin.optim.study import StudySettings
 
 SEED = 0
+# below this many completed trials a ranking is mostly noise: the importance vectors of
+# repeated sm stages agree (mean pairwise Spearman) by less than 0.5 (docs/benchmarks.md,
+# "How far to trust a ranking")
+MIN_TRIALS_TO_RANK = 12
 
 
 def make_evaluator(name: str) -> optuna.importance.BaseImportanceEvaluator:
@@ -46,14 +50,28 @@ def is_zero_variance(err: BaseException) -> bool:
     return isinstance(err, RuntimeError) and "zero total variance" in str(err)
 
 
+def ranked_trials(study: optuna.Study) -> list:
+    """The trials a ranking is computed from: COMPLETE with a finite value."""
+    return [
+        t for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
+        if t.value is not None and math.isfinite(t.value)
+    ]
+
+
+def trust_note(count: int) -> str:
+    """One line on how far a ranking from ``count`` completed trials can be trusted."""
+    note = f"ranked from {count} completed trials"
+    if count < MIN_TRIALS_TO_RANK:
+        note += (f"; warning: below {MIN_TRIALS_TO_RANK} a ranking is mostly noise "
+                 "(run more trials: optim ... grow N)")
+    return note
+
+
 def rank(
     study: optuna.Study, settings: StudySettings, evaluator: str = "fanova"
 ) -> list[tuple[str, float]]:
     """Searched parameters with their normalised importance, most important first."""
-    completed = [
-        t for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
-        if t.value is not None and math.isfinite(t.value)
-    ]
+    completed = ranked_trials(study)
     if len(completed) < 2:
         raise UserError(
             f"study {study.study_name!r} has {len(completed)} completed trial(s); importance "

@@ -24,7 +24,7 @@ from cnn_mellin.errors import ConfigError
 from cnn_mellin.optim import space
 from cnn_mellin.optim.attrs import LINEAGE
 from cnn_mellin.optim.best import best_text
-from cnn_mellin.optim.importance import rank, select
+from cnn_mellin.optim.importance import rank, ranked_trials, select, trust_note
 from cnn_mellin.optim.storage import load_study, open_storage
 from cnn_mellin.optim.study import (
     InitResult,
@@ -94,6 +94,7 @@ def run_stage(
     importance = dict(ranked)
     lineage = {
         "parent": from_study,
+        "ranked_from": len(ranked_trials(parent)),  # completed trials (importance.trust_note)
         "kept": {name: importance[name] for name in kept},
         "carried": {name: config[name] for name in settings.searched
                     if name not in new.searched and name in config},
@@ -134,6 +135,8 @@ def lineage_lines(lineage: Any) -> list[str]:
         shown = ", ".join(str(k[0] if isinstance(k, (list, tuple)) else k) for k in kept)
     carried = lineage.get("carried") or {}
     lines = [f"stage of {lineage['parent']}: searching {shown or 'nothing kept'}"]
+    if isinstance(lineage.get("ranked_from"), int):
+        lines.append(f"  {trust_note(lineage['ranked_from'])}")
     if isinstance(carried, dict) and carried:
         lines.append("  carried: " + ", ".join(f"{n} = {v}" for n, v in carried.items()))
     return lines

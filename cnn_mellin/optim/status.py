@@ -13,14 +13,17 @@ from typing import Any
 import optuna
 from optuna.trial import TrialState
 
-from cnn_mellin.optim import budget
+from cnn_mellin.optim import budget, internals
 from cnn_mellin.optim.attrs import (
+    DRAWS_REJECTED_INVALID,
+    DRAWS_REJECTED_MEMORY,
     FAIL_KIND,
     FAIL_REASON,
     LINEAGE,
     PRUNE_KIND,
     PRUNE_REASON,
     RETRY_OF,
+    WORKER_TIME_PREFIX,
 )
 from cnn_mellin.optim.attrs import WORKER as WORKER_ATTR
 from cnn_mellin.optim.study import StudySettings, checkpoint_root
@@ -77,7 +80,30 @@ def study_status(study: optuna.Study, settings: StudySettings) -> dict[str, Any]
         "prune_kinds": dict(sorted(Counter(p["kind"] or "unknown" for p in pruned).items())),
         "lineage": study.user_attrs.get(LINEAGE),
         "checkpoints": checkpoint_usage(checkpoint_root(study, settings)),
+        "draws": draw_counts(trials),
+        "workers": worker_seconds(study),
     }
+
+
+def draw_counts(trials) -> dict[str, int]:
+    """Draws of parameters over the study: accepted (a trial ran them) and rejected before
+    any trial existed, for memory or as invalid configurations."""
+    drawn = [t for t in trials if DRAWS_REJECTED_MEMORY in t.user_attrs]
+    memory = sum(int(t.user_attrs[DRAWS_REJECTED_MEMORY]) for t in drawn)
+    invalid = sum(int(t.user_attrs.get(DRAWS_REJECTED_INVALID, 0)) for t in drawn)
+    return {"draws": len(drawn) + memory + invalid, "accepted": len(drawn),
+            "rejected_memory": memory, "rejected_invalid": invalid}
+
+
+def worker_seconds(study: optuna.Study) -> dict[str, Any]:
+    """Seconds of the study's worker processes: in all, busy with trials, idle."""
+    times = [v for k, v in internals.study_system_attrs(study).items()
+             if k.startswith(WORKER_TIME_PREFIX) and isinstance(v, dict)]
+    total = sum(float(t.get("seconds", 0)) for t in times)
+    busy = sum(float(t.get("busy_s", 0)) for t in times)
+    return {"workers": len(times), "seconds": round(total, 1), "busy_s": round(busy, 1),
+            "idle_s": round(total - busy, 1),
+            "idle_share": round((total - busy) / total, 4) if total else None}
 
 
 def checkpoint_usage(root: Path) -> dict[str, Any]:
@@ -118,6 +144,15 @@ def format_status(status: dict[str, Any]) -> str:
     if disk:
         used = "not on this machine" if disk["bytes"] is None else format_bytes(disk["bytes"])
         lines.append(f"checkpoints: {used} in {disk['path']}")
+    draws = status.get("draws")
+    if draws and draws["draws"]:
+        lines.append(f"draws: {draws['draws']} ({draws['accepted']} ran, "
+                     f"{draws['rejected_memory']} rejected over the memory limit, "
+                     f"{draws['rejected_invalid']} invalid; rejected draws are not trials)")
+    workers = status.get("workers")
+    if workers and workers["seconds"]:
+        lines.append(f"workers: {workers['workers']}, {workers['seconds']:.0f} worker-seconds, "
+                     f"{workers['idle_s']:.0f} idle ({workers['idle_share']:.1%})")
     best = status["best"]
     if best is None:
         lines.append("best: none yet")

@@ -33,6 +33,7 @@ import sys
 import threading
 import time
 import traceback
+import uuid
 import warnings
 from collections import Counter
 from dataclasses import dataclass, field
@@ -48,6 +49,8 @@ from cnn_mellin.optim import budget, gpushare, internals, space
 from cnn_mellin.optim.attrs import (
     ADMISSION_BYTES,
     ADMISSION_METHOD,
+    DRAWS_REJECTED_INVALID,
+    DRAWS_REJECTED_MEMORY,
     DUPLICATE_OF,
     EPOCHS,
     FAIL_KIND,
@@ -63,10 +66,12 @@ from cnn_mellin.optim.attrs import (
     STOPPED_AT_STEP,
     VALID_CONSTRAINT,
     WALL_TIME,
+    WORKER_TIME_PREFIX,
 )
 from cnn_mellin.optim.attrs import WORKER as WORKER_ATTR
 from cnn_mellin.optim.cpus import allocated_cpus, use_threads
 from cnn_mellin.optim.defaults import DEFAULT_MAX_OUTAGE_S, SAMPLERS
+from cnn_mellin.optim.feasible import Feasibility, FeasibleSampler, NoFeasibleDraw
 from cnn_mellin.optim.heartbeat import Monitor, WorkerIdentity
 from cnn_mellin.optim.standby import Standby
 from cnn_mellin.optim.storage import (
@@ -226,6 +231,8 @@ class Worker:
             _log.info("memory of %s capped at %d bytes (%.3f of it)", device, self.cap_bytes,
                       fraction)
         self.keep_checkpoints = keep_checkpoints
+        self._uid = uuid.uuid4().hex[:8]  # tells apart workers that reuse a pid
+        self._started, self._busy_s = time.monotonic(), 0.0
         self._trial_dir: Path | None = None
         self.sampler_name = sampler
         self.seed = seed
@@ -234,6 +241,9 @@ class Worker:
         self.base = self.task.config(self.settings.base_config)
         self.params = self.task.params()
         self.base_params = base_params(self.settings)
+        self.space = space.distributions(self.settings.searched, self.params)
+        self.feasibility = Feasibility(self.task, self.base, device,
+                                       self.settings.mem_limit_bytes)
         interval = self.settings.heartbeat_interval
         self.poll_s = max(0.2, min(interval, 5.0))
         self.monitor = Monitor(
@@ -344,6 +354,7 @@ class Worker:
         idle_s = 0.0  # back-off while other workers finish the last trials
         idle = False  # looked at the standby since the last claim
         self.monitor.start()
+        self._started, self._busy_s = time.monotonic(), 0.0
         try:
             while True:
                 claimed = self.claimer.claim()
@@ -370,7 +381,12 @@ class Worker:
                     self.standby.leave()
                     idle = False
                 idle_s = 0.0
-                outcome = self.run_trial(claimed)
+                began = time.monotonic()
+                try:
+                    outcome = self.run_trial(claimed)
+                finally:
+                    self._busy_s += time.monotonic() - began
+                    self._record_time()
                 summary.outcomes[outcome] += 1
                 errors = errors + 1 if outcome == "failed" else 0
                 if errors >= MAX_CONSECUTIVE_ERRORS:
@@ -384,12 +400,23 @@ class Worker:
                     raise WorkerStopped(self.stop_signal)
         finally:
             self.monitor.stop()
+            self._record_time()
             if idle:
                 try:
                     self.standby.leave()
                 except Exception as err:  # exiting anyway; the next standby takes over
                     _log.debug("leaving the standby: %s", err)
         return summary
+
+    def _record_time(self) -> None:
+        """Store this worker's seconds so far, busy with trials and in all (``status``)."""
+        key = f"{WORKER_TIME_PREFIX}{self.identity.host}:{self.identity.pid}:{self._uid}"
+        seconds = {"seconds": round(time.monotonic() - self._started, 3),
+                   "busy_s": round(self._busy_s, 3)}
+        try:
+            internals.set_study_system_attr(self.study, key, seconds)
+        except Exception as err:  # bookkeeping: never the reason a worker or trial fails
+            _log.debug("recording worker time: %s", err)
 
     def _budget(self) -> int:
         """The study's budget now (``grow`` may have raised it since this worker started)."""
@@ -451,7 +478,9 @@ class Worker:
                 storage.set_trial_user_attr(trial_id, FAIL_KIND, "duplicate")
                 storage.set_trial_state_values(trial_id, TrialState.FAIL)
                 return "duplicate"
-        self.study.sampler = make_sampler(self.sampler_name, trial_seed(self.seed, claimed.number))
+        self.study.sampler = FeasibleSampler(
+            make_sampler(self.sampler_name, trial_seed(self.seed, claimed.number)),
+            self.space, self.feasibility.judge)
         trial = optuna.Trial(self.study, trial_id)
         facts: dict = {}
         reported = self._copy_history(trial, claimed)
@@ -544,7 +573,17 @@ class Worker:
         return self._tell(trial, facts, TrialState.COMPLETE, result.value)
 
     def _attempt(self, trial, claimed, facts, reported, checkpoint_dir):
-        params = space.suggest(trial, self.settings.searched, self.params)
+        # drawn until valid and under the memory limit (optim/feasible.py): rejected draws
+        # never become trials; a retry or the base has its values fixed and is judged below
+        sampler = self.study.sampler
+        try:
+            params = space.suggest(trial, self.settings.searched, self.params)
+        except NoFeasibleDraw as err:
+            raise _Prune("infeasible", str(err)) from None
+        finally:
+            if isinstance(sampler, FeasibleSampler):
+                facts[DRAWS_REJECTED_MEMORY] = sampler.rejected["memory"]
+                facts[DRAWS_REJECTED_INVALID] = sampler.rejected["invalid"]
         try:
             config = self.base.replace(params)
             self.task.check(config)
@@ -602,7 +641,7 @@ class Worker:
     def _admit(self, config: Config, facts: dict) -> None:
         limit = self.settings.mem_limit_bytes
         try:
-            figure = self.task.peak_memory(config, self.device)
+            figure = self.feasibility.figure(config)
         except Exception as err:
             if not _is_oom(err):
                 raise
@@ -620,9 +659,7 @@ class Worker:
         facts[ADMISSION_METHOD] = figure.method
         if limit is None:
             return
-        # on CUDA the allocator reserves more than the peak it hands out
-        needed = gpushare.with_reserve(figure.bytes) if self.device.startswith("cuda") \
-            else figure.bytes
+        needed = self.feasibility.needed(figure)  # on CUDA with the allocator's reserve
         violation = self._memory_violation(needed)
         if needed > limit:
             reserve = f" + {gpushare.ALLOCATOR_RESERVE:.0%} allocator reserve" \
@@ -754,35 +791,45 @@ def run_worker(
     Torch and the task's processes use the CPUs allocated to this process (see
     :mod:`cnn_mellin.optim.cpus`) unless ``OMP_NUM_THREADS`` says otherwise.
     """
-    use_threads(allocated_cpus())
-    _log.info("worker on %s with %s CPU threads", device, os.environ["OMP_NUM_THREADS"])
-    worker = Worker(
-        db_url, study_name, device=device, sampler=sampler, seed=seed, max_trials=max_trials,
-        max_outage_s=max_outage_s, keep_checkpoints=keep_checkpoints, data_dir=data_dir,
-        checkpoint_dir=checkpoint_dir,
-    )
+    in_main = threading.current_thread() is threading.main_thread()  # else no signals here
+    early: list[int] = []  # a stop while the worker is being built: it starts no trial
     previous = {}
-    done = threading.Event()
-    watchdog = None
-    if threading.current_thread() is threading.main_thread():  # else no signals come here
+    if in_main:
         for signum in (signal.SIGTERM, signal.SIGINT):
-            previous[signum] = signal.signal(signum, worker.on_signal)
-        watchdog = threading.Thread(target=worker.watch_stop, args=(done,),
-                                    name="cnn-mellin-stop", daemon=True)
-        watchdog.start()
+            previous[signum] = signal.signal(signum, lambda signum, _frame: early.append(signum))
     try:
-        summary = worker.run()
-        if worker.stop_signal is not None:  # the last trial ended as the stop came
-            raise WorkerStopped(worker.stop_signal)
-    except WorkerStopped as stop:
-        summary = WorkerSummary(Counter(worker.outcomes), exit_code=128 + stop.signum)
-        _log.warning("worker stopped by %s%s", stop, "; its trial was re-enqueued"
-                     if worker.outcomes["interrupted"] else "")
+        use_threads(allocated_cpus())
+        _log.info("worker on %s with %s CPU threads", device, os.environ["OMP_NUM_THREADS"])
+        worker = Worker(
+            db_url, study_name, device=device, sampler=sampler, seed=seed,
+            max_trials=max_trials, max_outage_s=max_outage_s, keep_checkpoints=keep_checkpoints,
+            data_dir=data_dir, checkpoint_dir=checkpoint_dir,
+        )
+        done = threading.Event()
+        watchdog = None
+        if in_main:
+            for signum in previous:
+                signal.signal(signum, worker.on_signal)
+            for signum in early:
+                worker.on_signal(signum)
+            watchdog = threading.Thread(target=worker.watch_stop, args=(done,),
+                                        name="cnn-mellin-stop", daemon=True)
+            watchdog.start()
+        try:
+            if worker.stop_signal is None:
+                summary = worker.run()
+            if worker.stop_signal is not None:  # the last trial ended as the stop came
+                raise WorkerStopped(worker.stop_signal)
+        except WorkerStopped as stop:
+            summary = WorkerSummary(Counter(worker.outcomes), exit_code=128 + stop.signum)
+            _log.warning("worker stopped by %s%s", stop, "; its trial was re-enqueued"
+                         if worker.outcomes["interrupted"] else "")
+        finally:
+            with worker._ending:  # the watchdog ended the process already, or never will
+                done.set()
+            if watchdog is not None:
+                watchdog.join()
     finally:
-        with worker._ending:  # the watchdog either ended the process already, or never will
-            done.set()
-        if watchdog is not None:
-            watchdog.join()
         for signum, handler in previous.items():
             signal.signal(signum, handler)
     _log.info("worker done: %s", summary)

@@ -88,6 +88,12 @@ def _cards(story: StudyStory) -> str:
         _card("memory limit", mem),
         _card("median trial", _duration(sorted(durations)[len(durations) // 2]
                                         if durations else None)),
+        _card("draws", str(story.draws["draws"]),
+              f"{story.draws['rejected_memory']} over the memory limit, "
+              f"{story.draws['rejected_invalid']} invalid: never trials"),
+        _card("idle", "–" if story.workers["idle_share"] is None
+              else f"{story.workers['idle_share']:.1%}",
+              f"of {story.workers['seconds']:.0f} worker-seconds"),
     ]
     return f'<div class="cards">{"".join(cards)}</div>{_progress(story)}'
 

@@ -15,6 +15,7 @@ from cnn_mellin.errors import UserError
 from cnn_mellin.optim import budget
 from cnn_mellin.optim.importance import rank
 from cnn_mellin.optim.report import figures
+from cnn_mellin.optim.status import draw_counts, worker_seconds
 from cnn_mellin.optim.study import StudySettings
 
 _log = logging.getLogger("cnn_mellin.optim")
@@ -42,6 +43,8 @@ class StudyStory:
     importances: list[tuple[str, float]] | None
     importance_note: str | None
     charts: list[figures.Chart]
+    draws: dict[str, int]  # status.draw_counts: accepted and rejected draws
+    workers: dict[str, Any]  # status.worker_seconds: worker-seconds busy and idle
 
 
 def slug(name: str, taken: set[str]) -> str:
@@ -99,6 +102,7 @@ def tell(study: optuna.Study, settings: StudySettings, folder: str) -> StudyStor
         best_ini=_best_ini(settings, best) if best else None,
         lineage=lineage if isinstance(lineage, dict) else None,
         importances=importances, importance_note=why_none, charts=charts,
+        draws=draw_counts(trials), workers=worker_seconds(study),
     )
 
 
