@@ -69,6 +69,8 @@ class FakeTask(Task):
 
     def run(self, config, context):
         epoch_s = float(os.environ.get("FAKE_EPOCH_S", "0"))
+        if os.environ.get("FAKE_EPOCH_BY_BATCH"):  # larger batches are slower, as in training
+            epoch_s *= config["data.batch_size"] / 16
         optimizer = config["training.optimizer"]
         error = os.environ.get("FAKE_ADAMW_ERROR") if optimizer == "adamw" else None
         if error == "bug":

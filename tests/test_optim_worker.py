@@ -782,3 +782,34 @@ def test_two_workers_both_train_when_most_draws_exceed_the_limit(tmp_path):
     assert sorted(ran) == sorted(w.pid for w in workers) and min(ran.values()) >= 2
     times = study_status(study, read_settings(study))["workers"]
     assert times["workers"] == 2 and times["busy_s"] >= 6 * 3 * 0.3
+
+
+def test_time_limits_spare_the_base_and_a_ratio_follows_the_base_trials_speed(tmp_path,
+                                                                             monkeypatch):
+    monkeypatch.setenv("FAKE_EPOCH_S", "0.2")
+    monkeypatch.setenv("FAKE_EPOCH_BY_BATCH", "1")  # an epoch takes 0.2 s x batch / 16
+    url = _journal(tmp_path)
+    fake_study(url, tmp_path, num_trials=10, whitelist=["data.batch_size"],
+               max_trial_time_ratio=1.5)
+    assert run_worker(url, "fake", seed=4).exit_code == 0
+    trials = sorted(load(url, "fake").get_trials(), key=lambda t: t.number)
+    assert trials[0].params == {"data.batch_size": 16} and trials[0].state == TrialState.COMPLETE
+    for trial in trials[1:]:
+        batch = trial.params["data.batch_size"]
+        if batch >= 32:  # twice the base's time or more: pruned at its first epoch
+            assert trial.state == TrialState.PRUNED, batch
+            assert trial.user_attrs["prune_kind"] == "timeout"
+            assert "over 1.5 x the base configuration's" in trial.user_attrs["prune_reason"]
+        elif batch <= 20:
+            assert trial.state == TrialState.COMPLETE, batch
+    assert any(t.params["data.batch_size"] >= 32 for t in trials)
+    # an absolute limit no trial can meet prunes every trial but the base
+    other = tmp_path / "seconds"
+    other.mkdir()
+    fake_study(_journal(other), other, num_trials=3, whitelist=["data.batch_size"],
+               max_trial_seconds=0.01)
+    assert run_worker(_journal(other), "fake", seed=4).exit_code == 0
+    kinds = {t.number: (t.state, t.user_attrs.get("prune_kind"))
+             for t in load(_journal(other), "fake").get_trials()}
+    assert kinds == {0: (TrialState.COMPLETE, None), 1: (TrialState.PRUNED, "timeout"),
+                     2: (TrialState.PRUNED, "timeout")}

@@ -44,4 +44,5 @@ BEAT_KEY = "cnn_mellin:heartbeat"  # trial: the worker's last heartbeat
 READY_KEY = "cnn_mellin:ready"  # study: init finished writing
 UID_KEY = "cnn_mellin:uid"  # study: names its checkpoint folder
 STANDBY_KEY = "cnn_mellin:standby"  # study: the idle worker that stays for retries
+BASE_EPOCH_SECONDS = "cnn_mellin:base_epoch_seconds"  # study: {epoch: s} of the base trial
 WORKER_TIME_PREFIX = "cnn_mellin:worker_time:"  # study: per worker, {"seconds", "busy_s"}

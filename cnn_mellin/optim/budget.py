@@ -20,8 +20,10 @@ from __future__ import annotations
 import logging
 import random
 import time
+from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import optuna
 from optuna.exceptions import StorageInternalError, UpdateFinishedTrialError
@@ -29,6 +31,7 @@ from optuna.trial import FrozenTrial, TrialState
 
 from cnn_mellin.optim import internals
 from cnn_mellin.optim.attrs import (
+    BASE_EPOCH_SECONDS,
     FAIL_KIND,
     FAIL_REASON,
     INTERRUPT_COUNT,
@@ -90,6 +93,34 @@ def trials_in(study: optuna.Study, states: tuple[TrialState, ...]) -> list[Froze
     underlying storage filters in SQL instead.
     """
     return internals.trials_in(study, states, through_cache=False)
+
+
+class Slot(NamedTuple):
+    """A WAITING trial as the claimer sees it, without reading the trial itself."""
+
+    trial_id: int
+    number: int
+    retry: bool  # a retry of a failed trial: taken before the others
+    fixed: bool  # enqueued with parameters (the base configuration): next
+
+
+def waiting_slots(study: optuna.Study) -> list[Slot]:
+    """The study's WAITING trials: one light query on the SQL database and through the
+    proxy (whatever the study's size), a listing of the WAITING trials on the journal."""
+    brief = internals.extension(study, "waiting_brief")
+    if brief is not None:
+        return [Slot(*row) for row in brief(internals.study_id(study), RETRY_OF)]
+    return [Slot(internals.trial_id(t), t.number, RETRY_OF in t.user_attrs,
+                 bool(internals.fixed_params(t)))
+            for t in internals.trials_in(study, (TrialState.WAITING,))]
+
+
+def state_counts(study: optuna.Study) -> dict[TrialState, int]:
+    """Trials of the study per state, counted by the database where there is one."""
+    counts = internals.extension(study, "state_counts")
+    if counts is not None:
+        return counts(internals.study_id(study))
+    return dict(Counter(t.state for t in study.get_trials(deepcopy=False)))
 
 
 def create_slots(
@@ -215,7 +246,13 @@ class Reconciler:
 
     def __call__(self) -> int:
         """One look; returns how many replacements were enqueued."""
-        trials = self._study.get_trials(deepcopy=False)
+        # counted by the database: reading every trial, each look of each worker, would
+        # cost the study's whole remaining budget
+        counts = state_counts(self._study)
+        if self.num_trials - sum(counts.get(state, 0) for state in LIVE_STATES) <= 0:
+            self._seen.clear()
+            return 0
+        trials = self._study.get_trials(deepcopy=False)  # a replacement is missing: rare
         deficit = self.num_trials - count(trials, self.num_trials).live
         if deficit <= 0:
             self._seen.clear()
@@ -239,29 +276,28 @@ class Reconciler:
 class SlotClaimer:
     """Claims WAITING trials for one worker, retries first, from a periodically refreshed list.
 
-    Listing the WAITING trials costs a query over all of them, so the list is kept and
-    refreshed when it runs out or is older than ``refresh_s``; a stale entry costs one
-    failed claim. Retries come first, then trials enqueued with a configuration (the base),
-    then the others in a per-worker random order so that workers rarely compete for the
-    same one.
+    The list (:func:`waiting_slots`: ids, no trial read) is kept and refreshed when it runs
+    out or is older than ``refresh_s``; a stale entry costs one failed claim. Retries come
+    first, then trials enqueued with a configuration (the base), then the others in a
+    per-worker random order so that workers rarely compete for the same one. Only the
+    claimed trial is then read.
     """
 
     def __init__(self, study: optuna.Study, refresh_s: float, seed: int | None = None):
         self._study = study
         self._refresh_s = refresh_s
-        self._queue: list[FrozenTrial] = []
+        self._queue: list[Slot] = []
         self._fetched = -float("inf")
         self._rng = random.Random(seed)
 
     def _refresh(self) -> None:
-        # through the cache (unlike trials_in): trials must be known to it to be suggested
-        waiting = internals.trials_in(self._study, (TrialState.WAITING,))
-        retries = sorted((t for t in waiting if RETRY_OF in t.user_attrs), key=lambda t: t.number)
-        fresh = [t for t in waiting if RETRY_OF not in t.user_attrs]
+        waiting = waiting_slots(self._study)
+        retries = sorted((s for s in waiting if s.retry), key=lambda s: s.number)
+        fresh = [s for s in waiting if not s.retry]
         self._rng.shuffle(fresh)
         # the base configuration (enqueued with its values) before the sampler's draws: it
         # is what pays most, and a worker busy with other claims must not delay it
-        fresh.sort(key=lambda t: not internals.fixed_params(t))  # stable: the rest stay shuffled
+        fresh.sort(key=lambda s: not s.fixed)  # stable: the rest stay shuffled
         self._queue = retries + fresh
         self._fetched = time.monotonic()
 
@@ -287,11 +323,36 @@ class SlotClaimer:
         storage = internals.storage(self._study)
         misses = 0
         while self._queue and (max_misses is None or misses < max_misses):
-            trial = self._queue.pop(0)
+            slot = self._queue.pop(0)
             try:
-                if storage.set_trial_state_values(internals.trial_id(trial), TrialState.RUNNING):
-                    return trial
+                if storage.set_trial_state_values(slot.trial_id, TrialState.RUNNING):
+                    return internals.claimed(self._study, slot.trial_id)
             except (UpdateFinishedTrialError, StorageInternalError):
                 pass  # taken and finished meanwhile; or SQLite lock contention
             misses += 1
         return None
+
+
+class BaseEpochSeconds:
+    """Seconds the base configuration's trial took to reach each epoch (a study system
+    attribute): the reference of ``init --max-trial-time-ratio``, measured on the machines
+    the study runs on, so the limit travels where absolute seconds do not."""
+
+    def __init__(self, study: optuna.Study):
+        self._study = study
+
+    def record(self, epoch: int, seconds: float) -> None:
+        """The base reached ``epoch`` after ``seconds`` (the first record of it stays)."""
+        known = self._read()
+        if str(epoch) not in known:
+            internals.set_study_system_attr(
+                self._study, BASE_EPOCH_SECONDS, {**known, str(epoch): round(seconds, 3)})
+
+    def at(self, epoch: int) -> float | None:
+        """Seconds the base took to reach ``epoch``; None while it has not reached it."""
+        value = self._read().get(str(epoch))
+        return None if value is None else float(value)
+
+    def _read(self) -> dict:
+        known = internals.study_system_attrs(self._study).get(BASE_EPOCH_SECONDS)
+        return known if isinstance(known, dict) else {}

@@ -67,6 +67,7 @@ class StudySettings:
     max_retries: int
     dropped: dict[str, str] = field(default_factory=dict)
     max_trial_seconds: float | None = None
+    max_trial_time_ratio: float | None = None
     version: str = __version__
 
     # fields a repeated init may differ in without conflict
@@ -88,7 +89,8 @@ class StudySettings:
     def from_attrs(cls, attrs: dict[str, Any]) -> StudySettings:
         """Settings read back from a study's user attributes."""
         names = [f.name for f in dataclasses.fields(cls)]
-        optional = ("dropped", "version", "max_trial_seconds")  # later fields have defaults
+        optional = ("dropped", "version", "max_trial_seconds",  # later fields: defaults
+                    "max_trial_time_ratio")
         missing = [n for n in names if n not in attrs and n not in optional]
         if missing:
             raise UserError(
@@ -188,7 +190,7 @@ def build_settings(
     pruner: str = "hyperband", num_data_workers: int = 0,
     checkpoint_dir: str | os.PathLike, heartbeat_interval: float = DEFAULT_HEARTBEAT_S,
     heartbeat_grace: float | None = None, max_retries: int = DEFAULT_MAX_RETRIES,
-    max_trial_seconds: float | None = None,
+    max_trial_seconds: float | None = None, max_trial_time_ratio: float | None = None,
 ) -> StudySettings:
     """Validate every ``init`` argument and the data, and build the settings to store.
 
@@ -204,6 +206,9 @@ def build_settings(
     )
     if max_trial_seconds is not None and not max_trial_seconds > 0:
         raise ConfigError(f"--max-trial-seconds must be positive, got {max_trial_seconds}")
+    if max_trial_time_ratio is not None and not max_trial_time_ratio >= 1:
+        raise ConfigError("--max-trial-time-ratio must be at least 1, got "
+                          f"{max_trial_time_ratio}")
     if whitelist is not None and blacklist:
         raise ConfigError("give either --whitelist or --blacklist, not both")
     task_cls = get_task(task)
@@ -227,6 +232,8 @@ def build_settings(
         heartbeat_interval=float(heartbeat_interval), heartbeat_grace=float(heartbeat_grace),
         max_retries=max_retries, dropped=dict(selection.dropped),
         max_trial_seconds=None if max_trial_seconds is None else float(max_trial_seconds),
+        max_trial_time_ratio=None if max_trial_time_ratio is None
+        else float(max_trial_time_ratio),
     )
 
 

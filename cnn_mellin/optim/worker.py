@@ -601,7 +601,9 @@ class Worker:
         # even when a small model that plateaus high leads it at the rung
         prunable = not (self.base_params and all(
             params.get(name) == value for name, value in self.base_params.items()))
+        base_seconds = budget.BaseEpochSeconds(self.study)
         time_limit, running_since = self.settings.max_trial_seconds, time.monotonic()
+        ratio = self.settings.max_trial_time_ratio
 
         def report(epoch: int, value: float) -> None:
             if self.monitor.lost(internals.trial_id(trial)):
@@ -612,11 +614,19 @@ class Worker:
             if epoch not in reported:
                 trial.report(value, epoch)
                 reported.add(epoch)
+            elapsed = time.monotonic() - running_since
+            if not prunable and ratio is not None:
+                base_seconds.record(epoch, elapsed)
             if last_epoch is not None and epoch >= last_epoch:
                 return
-            if time_limit is not None and time.monotonic() - running_since > time_limit:
+            if prunable and time_limit is not None and elapsed > time_limit:
                 raise _Prune("timeout", f"still running after {time_limit:g} s, at epoch "
                              f"{epoch} (value {value:.6g}); --max-trial-seconds")
+            reference = base_seconds.at(epoch) if prunable and ratio is not None else None
+            if reference is not None and elapsed > ratio * reference:
+                raise _Prune("timeout", f"{elapsed:.0f} s to epoch {epoch}, over {ratio:g} x "
+                             f"the base configuration's {reference:.0f} s (value "
+                             f"{value:.6g}); --max-trial-time-ratio")
             if prunable and trial.should_prune():
                 raise optuna.TrialPruned(
                     f"pruned by the {self.settings.pruner} pruner at epoch {epoch} "
