@@ -214,3 +214,27 @@ def test_a_cancel_that_signals_the_loader_workers_too_hands_the_trial_back(tmp_p
     [done] = load(url, "asr").get_trials(states=(TrialState.COMPLETE,))
     assert done.user_attrs["resumed_from_step"] == stopped_at
     assert states(load(url, "asr")) == {"COMPLETE": 1, "FAIL": 2}
+
+
+def test_a_retry_handed_back_before_it_drew_keeps_the_parameters_of_its_chain(tmp_path):
+    """A worker cancelled right after it claimed a retry hands it back before sampling: its
+    own parameters are still empty, those fixed for it are the chain's (the SLURM cancel
+    test once saw "replaced by a fresh trial" there)."""
+    import optuna
+
+    from cnn_mellin.optim import budget, internals
+
+    url = str(tmp_path / "s.journal")
+    fake_study(url, tmp_path, name="chain", num_trials=1, whitelist=SEARCH)
+    study = load(url, "chain")
+    first = budget.SlotClaimer(study, 60).claim()
+    rate = optuna.Trial(study, first._trial_id).suggest_float(
+        "training.learning_rate", 1e-4, 1e-1, log=True)
+    assert budget.fail_and_replace(study, first, "interrupted", "stopped", 2)
+    retry = budget.SlotClaimer(study, 60).claim()
+    assert retry.params == {} and internals.fixed_params(retry) == {
+        "training.learning_rate": rate}
+    assert budget.fail_and_replace(study, retry, "interrupted", "stopped before it began", 2)
+    [again] = load(url, "chain").get_trials(states=(TrialState.WAITING,))
+    assert internals.fixed_params(again) == {"training.learning_rate": rate}
+    assert again.user_attrs["retry_of"] == first.number

@@ -148,3 +148,71 @@ def test_requeued_job_hands_its_trial_back_and_resumes_it_when_it_runs_again(pg_
     [retry] = study.get_trials(states=(TrialState.COMPLETE,))
     assert retry.user_attrs["resumed_from_step"] == stopped
     assert retry.user_attrs["worker"]["pid"] != failed.user_attrs["worker"]["pid"]
+
+
+def _cancel_once(environ, url, logs, rng, anywhere):
+    """One job of the study "cancel" cancelled by scancel; checks how it ended."""
+    job = sbatch(environ, logs, ["--cpus-per-task=2"], _run_args(url, "cancel"))
+
+    def text():
+        return "".join(p.read_text() for p in logs.glob(f"{job}_*.out"))
+
+    if anywhere:  # from the start on: imports, claim, admission, loader start, training
+        _wait(lambda: queued(environ, job) and text(), 60, "the job to start")
+        time.sleep(rng.uniform(0.5, 8.0))
+    else:  # mid-epoch or while the dev set is scored, after an epoch of this attempt
+        _wait(lambda: "epoch " in text(), 120, "an epoch")
+        time.sleep(rng.uniform(0.0, 0.6))
+    subprocess.run(["scancel", job], env=environ, check=True, timeout=30)
+    wait_gone(environ, job, timeout=120)
+    [record] = _wait(lambda: list(job_records(environ, job).values()), 30, "its record")
+    log = text()
+    assert record["JobState"] == "CANCELLED", (record, log)
+    # SIGTERM is caught from the line "worker on ..." on: the worker then ends by itself
+    # (SLURM records no exit code for a cancelled job), else the SIGTERM itself ended it;
+    # never SIGKILL after KillWait or an abort (no "worker done" line then)
+    assert "worker on cpu" not in log or "worker done:" in log, log
+    for bad in ("Traceback", "exited unexpectedly", "killed by signal", "corrupted"):
+        assert bad not in log, log
+    trials = load(url, "cancel").get_trials()
+    assert not [t.number for t in trials if t.state == TrialState.RUNNING], log
+
+
+def test_repeated_scancel_of_an_asr_worker_with_loader_workers_always_hands_back_the_trial(
+    pg_db, tmp_path
+):
+    """scancel signals every process of the job, the 2 loader workers of the trial included,
+    at random moments (starting, training mid-epoch, scoring): each time the trial is handed
+    back (interrupted, never an error, never fresh parameters), nothing stays RUNNING, the
+    worker exits by itself (143) or dies of that SIGTERM before it could catch it, never of
+    another signal (SIGKILL after KillWait, a glibc abort); the retries go on from the step
+    saved last, and the trial completes (issue 23: the recipe's 4 loader workers lost trials,
+    once corrupted the heap)."""
+    import random
+
+    from cnn_mellin.optim.study import build_settings, init_study
+    from tests.training_fixtures import tiny_config, write_store
+
+    environ = slurm_env()
+    url = pg_db[0]
+    settings = build_settings(
+        tiny_config(num_epochs=16), write_store(tmp_path / "train", 48, seed=0), task="asr",
+        whitelist=SEARCH, num_trials=1, mem_limit_bytes=None, pruner="none",
+        checkpoint_dir=tmp_path / "ckpt", task_options={"dev_proportion": 0.25},
+        num_data_workers=2, heartbeat_interval=10.0)  # no reaping: each hand-back is its own
+    init_study(url, "cancel", settings)
+    rng = random.Random(2312)
+    for round_ in range(10):
+        _cancel_once(environ, url, tmp_path / "logs", rng, anywhere=bool(round_ % 2))
+    [(code, err)] = wait_all([start_worker(url, "cancel")], timeout=300)
+    assert code == 0, err
+    trials = load(url, "cancel").get_trials()
+    failed = [t for t in trials if t.state == TrialState.FAIL]
+    assert {t.user_attrs["fail_kind"] for t in failed} == {"interrupted"}
+    assert [t.state for t in trials].count(TrialState.COMPLETE) == 1
+    assert all(t.params == trials[0].params for t in trials)  # never fresh parameters
+    assert all(t.user_attrs["retry_of"] == 0 for t in trials[1:])
+    steps = [t.user_attrs["stopped_at_step"] for t in failed if "stopped_at_step" in t.user_attrs]
+    assert len(steps) >= 4 and steps == sorted(steps)  # each went on from the one before
+    [done] = [t for t in trials if t.state == TrialState.COMPLETE]
+    assert done.user_attrs["resumed_from_step"] >= steps[-1]

@@ -126,7 +126,8 @@ def _add_init_arguments(init, whitelist: bool = True) -> None:
         which.add_argument("--whitelist", nargs="+", default=None, metavar="RE",
                            help="search only parameters whose full name matches one of these")
     init.add_argument("--num-data-workers", type=_int, default=0, metavar="N",
-                      help="data-loader processes per trial (default 0)")
+                      help="data-loader processes per trial (default 0; at most the CPUs a "
+                      "worker's job has)")
     init.add_argument("--mem-limit-bytes", type=_int, default=None, metavar="N",
                       help="device memory one trial may use; larger configurations are pruned "
                       "before training (default: no limit)")

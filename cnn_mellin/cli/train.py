@@ -24,7 +24,8 @@ def register(commands) -> None:
     parser.add_argument("--model-dir", required=True, metavar="DIR", help="output folder")
     parser.add_argument(
         "--num-data-workers", type=int, default=0, metavar="N",
-        help="loader worker processes (default 0: load in the training process)",
+        help="loader worker processes (default 0: load in the training process; at most "
+        "the CPUs this process may use)",
     )
     parser.add_argument(
         "--quiet", "-q", action="store_true", help="no progress bar (epoch summaries are logged)"

@@ -179,7 +179,9 @@ def replace(
         (kind in ("interrupted", "neighbour"))
     if kind in ("dead", "user", "interrupted", "neighbour") and retries <= max_retries \
             and interrupts <= MAX_INTERRUPTS:
-        params = dict(failed.params)
+        # a trial failed before it drew (handed back as it was claimed) has only the
+        # parameters fixed for it: a retry's, which must not turn into fresh ones
+        params = {**internals.fixed_params(failed), **failed.params}
         attrs[RETRY_OF] = root_number(failed)
         attrs[RETRY_COUNT] = retries
         if interrupts:
@@ -187,7 +189,7 @@ def replace(
     study.enqueue_trial(params, user_attrs=attrs)
     _log.info(
         "trial %d failed (%s); %s", failed.number, reason,
-        f"retry enqueued (retry {retries} of trial {attrs[RETRY_OF]})" if params
+        f"retry enqueued (retry {retries} of trial {attrs[RETRY_OF]})" if RETRY_OF in attrs
         else "replaced by a fresh trial",
     )
 
