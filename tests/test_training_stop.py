@@ -123,3 +123,30 @@ def test_a_loader_that_dies_without_a_stop_is_an_error(stores, tmp_path, monkeyp
     with pytest.raises(RuntimeError, match="exited unexpectedly"):
         train(_config(1), train_dir, dev_dir, model_dir=tmp_path,
               stop_requested=lambda: plan.get("stopping", False))
+
+
+@pytest.mark.parametrize("stop_after", [2, None])
+def test_loader_workers_are_shut_down_when_training_stops_or_ends(stores, tmp_path,
+                                                                  monkeypatch, stop_after):
+    """Not left to the collector: an exception's traceback keeps the loader alive, and the
+    workers were then ended at interpreter exit (a loader worker's traceback from __del__)."""
+    import multiprocessing
+
+    monkeypatch.setattr(loader_module, "allowed_workers", lambda: 4)
+    train_dir, dev_dir = stores
+    calls = []
+
+    def stop():
+        calls.append(1)
+        return stop_after is not None and len(calls) > stop_after
+
+    config = tiny_config(num_epochs=1, **FAST)
+    if stop_after is None:
+        train(config, train_dir, dev_dir, model_dir=tmp_path, num_workers=2,
+              stop_requested=stop)
+    else:
+        with pytest.raises(TrainingInterrupted) as cut:
+            train(config, train_dir, dev_dir, model_dir=tmp_path, num_workers=2,
+                  stop_requested=stop)
+        assert cut.value.step == stop_after
+    assert calls and multiprocessing.active_children() == []
