@@ -31,6 +31,10 @@ setup(
         "sqlalchemy>=2,<3",
         "pymysql",
         "psycopg2-binary",
+        # grpc://HOST:PORT, Optuna's storage proxy for hundreds of workers (optim serve); a
+        # dependency, not an extra: every worker of a pool must have it (README)
+        "grpcio>=1.68.1",
+        "protobuf>=5.28.1",
         "h5py",
         "numpy",
         "scipy",

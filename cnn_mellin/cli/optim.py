@@ -1,4 +1,4 @@
-"""``cnn-mellin optim [--study-name NAME] DB_URL init|run|important|best|status|report``."""
+"""``cnn-mellin optim [--study-name NAME] DB_URL init|run|important|best|status|report|serve``."""
 
 from __future__ import annotations
 
@@ -11,7 +11,8 @@ from cnn_mellin.config import write_text_atomic
 _URL_HELP = (
     "the study database: postgresql+psycopg2://USER@HOST/DB, mysql+pymysql://USER@HOST/DB "
     "(?read_default_file=~/.my.cnf works), sqlite:///PATH, a journal file path for the "
-    "embedded one-machine store, or 'default' (exp/optim/studies.journal)"
+    "embedded one-machine store, 'default' (exp/optim/studies.journal), or grpc://HOST:PORT "
+    "(a storage proxy: 'optim DB_URL serve')"
 )
 
 
@@ -91,6 +92,34 @@ def register(commands) -> None:
     report.add_argument("--no-png", action="store_true",
                         help="write no PNG (skips starting a browser)")
     report.set_defaults(func=run_report, needs_device=False)
+    _register_serve(actions)
+
+
+def _register_serve(actions) -> None:
+    from cnn_mellin.optim.defaults import PROXY_PORT, PROXY_THREADS
+
+    serve = actions.add_parser(
+        "serve", help="run Optuna's gRPC storage proxy in front of DB_URL (for 100+ workers)",
+        description="Run Optuna's gRPC storage proxy for the PostgreSQL or MySQL/MariaDB "
+        "database DB_URL until SIGTERM or Ctrl-C: workers and every other optim command "
+        "then use grpc://HOST:PORT as their DB_URL, and only the proxy connects to the "
+        "database (at most --threads connections). The database and Optuna's tables are "
+        "created if missing. No authentication: whoever reaches the port can read and write "
+        "the studies.",
+    )
+    serve.add_argument("--host", default="localhost",
+                       help="address to listen on (default localhost; 0.0.0.0 for workers "
+                       "on other machines)")
+    serve.add_argument("--port", type=_int, default=PROXY_PORT,
+                       help=f"port to listen on (default {PROXY_PORT}; 0: any free port, "
+                       "see --address-file)")
+    serve.add_argument("--threads", type=_int, default=PROXY_THREADS, metavar="N",
+                       help=f"threads serving calls, each with at most one database "
+                       f"connection (default {PROXY_THREADS})")
+    serve.add_argument("--address-file", default=None, metavar="FILE",
+                       help="write grpc://HOST:PORT there once listening (removed on exit): "
+                       "how worker jobs find the proxy job")
+    serve.set_defaults(func=run_serve, needs_device=False)
 
 
 def _register_init(actions) -> None:
@@ -414,6 +443,14 @@ def run_status(args, config) -> int:
     status = study_status(study, settings)
     sys.stdout.write(status_json(status) if args.json else format_status(status))
     return 0
+
+
+def run_serve(args, config) -> int:
+    from cnn_mellin.optim.serve import serve
+
+    _quiet_optuna(args)
+    return serve(args.db_url, host=args.host, port=args.port, threads=args.threads,
+                 address_file=args.address_file)
 
 
 def run_report(args, config) -> int:

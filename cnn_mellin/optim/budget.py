@@ -123,6 +123,34 @@ def state_counts(study: optuna.Study) -> dict[TrialState, int]:
     return dict(Counter(t.state for t in study.get_trials(deepcopy=False)))
 
 
+def claim(study: optuna.Study, trial_id: int, user_attrs: dict) -> FrozenTrial | None:
+    """Take the WAITING trial ``trial_id`` (now RUNNING) and give it ``user_attrs``; the
+    trial, or None if another worker took it first. On the SQL database and through the
+    proxy one transaction; on the journal its atomic transition, then the attributes."""
+    atomic = internals.extension(study, "claim_waiting")
+    if atomic is not None:
+        trial = atomic(trial_id, user_attrs)
+        if trial is not None:
+            internals.adopt(study, trial)
+        return trial
+    storage = internals.storage(study)
+    if not storage.set_trial_state_values(trial_id, TrialState.RUNNING):
+        return None
+    for key, value in user_attrs.items():
+        storage.set_trial_user_attr(trial_id, key, value)
+    return storage.get_trial(trial_id)
+
+
+def set_user_attrs(study: optuna.Study, trial_id: int, attrs: dict) -> None:
+    """Set several user attributes of a trial (one transaction where there is a database)."""
+    batch = internals.extension(study, "set_trial_user_attrs")
+    if batch is not None:
+        batch(trial_id, attrs)
+        return
+    for key, value in attrs.items():
+        internals.storage(study).set_trial_user_attr(trial_id, key, value)
+
+
 def create_slots(
     study: optuna.Study, num_trials: int, first_params: dict | None = None
 ) -> int:
@@ -285,8 +313,10 @@ class SlotClaimer:
     claimed trial is then read.
     """
 
-    def __init__(self, study: optuna.Study, refresh_s: float, seed: int | None = None):
+    def __init__(self, study: optuna.Study, refresh_s: float, seed: int | None = None,
+                 user_attrs: dict | None = None):
         self._study = study
+        self._user_attrs = user_attrs or {}  # written with the claim (the worker's identity)
         self._refresh_s = refresh_s
         self._queue: list[Slot] = []
         self._fetched = -float("inf")
@@ -322,13 +352,13 @@ class SlotClaimer:
             refreshed = True
 
     def _pop(self, max_misses: int | None) -> FrozenTrial | None:
-        storage = internals.storage(self._study)
         misses = 0
         while self._queue and (max_misses is None or misses < max_misses):
             slot = self._queue.pop(0)
             try:
-                if storage.set_trial_state_values(slot.trial_id, TrialState.RUNNING):
-                    return internals.claimed(self._study, slot.trial_id)
+                trial = claim(self._study, slot.trial_id, self._user_attrs)
+                if trial is not None:
+                    return trial
             except (UpdateFinishedTrialError, StorageInternalError):
                 pass  # taken and finished meanwhile; or SQLite lock contention
             misses += 1

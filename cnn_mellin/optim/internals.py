@@ -44,6 +44,31 @@ def uncached(store: BaseStorage) -> BaseStorage:
     return store
 
 
+def extension(study: optuna.Study, name: str):
+    """The method ``name`` of cnn-mellin's own storages (the SQL database's, or the storage
+    proxy client's: light queries Optuna lacks), or None on another storage."""
+    store = storage(study)
+    for candidate in (store, uncached(store)):
+        method = getattr(candidate, name, None)
+        if method is not None:
+            return method
+    return None
+
+
+def adopt(study: optuna.Study, trial: FrozenTrial) -> None:
+    """Make a trial this worker claimed (RUNNING) known to Optuna's cache of the study's
+    trials, which must know a trial before its parameters can be set."""
+    store = storage(study)
+    if isinstance(store, optuna.storages._CachedStorage):
+        from optuna.storages._cached_storage import _StudyInfo
+
+        sid = study_id(study)
+        with store._lock:
+            info = store._studies.setdefault(sid, _StudyInfo())
+            store._add_trials_to_cache(sid, [trial])
+            info.unfinished_trial_ids.add(trial_id(trial))  # re-read by the cache until it ends
+
+
 def contains(distribution: BaseDistribution, value: Any) -> bool:
     """Whether ``value`` lies in ``distribution`` (False for values of the wrong kind)."""
     try:
@@ -80,7 +105,150 @@ def trials_in(
 
     Optuna's caching wrapper of SQL storages re-reads every unfinished trial on each
     listing; ``through_cache=False`` asks the database directly (filtered in SQL). Trials a
-    worker is going to run must come through the cache, which has to know them.
+    worker is going to run must come through the cache, which has to know them. The
+    storage proxy's client (``grpc://``) needs no such care: it always asks the database
+    behind the proxy for just these states.
     """
-    store = storage(study) if through_cache else uncached(storage(study))
+    store = storage(study)
+    filtered = getattr(store, "trials_in_states", None)
+    if filtered is not None:
+        return filtered(study_id(study), tuple(states))
+    store = store if through_cache else uncached(store)
     return store.get_all_trials(study_id(study), deepcopy=False, states=tuple(states))
+
+
+# -- the gRPC storage proxy (cnn_mellin/optim/serve.py) -------------------------------------
+
+
+def add_proxy_service(server, backend: BaseStorage) -> None:
+    """Add Optuna's storage proxy service over ``backend`` to the gRPC ``server`` (what
+    ``optuna.storages.run_grpc_proxy_server`` serves)."""
+    from optuna.storages._grpc.auto_generated import api_pb2_grpc
+    from optuna.storages._grpc.servicer import OptunaStorageProxyService
+
+    api_pb2_grpc.add_StorageServiceServicer_to_server(OptunaStorageProxyService(backend), server)
+
+
+def trials_to_bytes(trials: Sequence[FrozenTrial]) -> bytes:
+    """``trials`` in the proxy's wire format (its reply to a listing)."""
+    from optuna.storages._grpc.auto_generated import api_pb2
+    from optuna.storages._grpc.servicer import _to_proto_trial
+
+    return api_pb2.GetTrialsReply(trials=[_to_proto_trial(t) for t in trials]).SerializeToString()
+
+
+def trials_from_bytes(data: bytes) -> list[FrozenTrial]:
+    """The trials :func:`trials_to_bytes` wrote."""
+    from optuna.storages._grpc.auto_generated import api_pb2
+    from optuna.storages._grpc.servicer import _from_proto_trial
+
+    return [_from_proto_trial(t) for t in api_pb2.GetTrialsReply.FromString(data).trials]
+
+
+def proxy_channel(proxy: BaseStorage):
+    """The gRPC channel of a ``GrpcStorageProxy``."""
+    return proxy._channel
+
+
+# -- light queries on Optuna's SQL schema (cnn_mellin/optim/storage.py's database) ---------
+
+
+def _trial_tables():
+    from optuna.storages._rdb import models
+
+    return (models.TrialModel.__table__, models.TrialUserAttributeModel.__table__,
+            models.TrialSystemAttributeModel.__table__)
+
+
+def waiting_brief(engine, study_id: int, user_key: str) -> list[tuple[int, int, bool, bool]]:
+    """(trial id, number, has user attribute ``user_key``, has fixed parameters) of the
+    study's WAITING trials, in one query that reads no other trial."""
+    import json
+
+    from sqlalchemy import and_, select
+
+    trials, user, system = _trial_tables()
+    joined = trials.outerjoin(
+        user, and_(user.c.trial_id == trials.c.trial_id, user.c.key == user_key)
+    ).outerjoin(
+        system, and_(system.c.trial_id == trials.c.trial_id, system.c.key == "fixed_params")
+    )
+    query = select(trials.c.trial_id, trials.c.number, user.c.trial_id, system.c.value_json) \
+        .select_from(joined) \
+        .where(trials.c.study_id == study_id, trials.c.state == TrialState.WAITING)
+    with engine.connect() as connection:
+        rows = connection.execute(query).all()
+    return [(trial_id, number, marked is not None, bool(fixed and json.loads(fixed)))
+            for trial_id, number, marked, fixed in rows]
+
+
+def state_counts(engine, study_id: int) -> dict[TrialState, int]:
+    """How many trials of the study are in each state, counted by the database."""
+    from sqlalchemy import func, select
+
+    trials = _trial_tables()[0]
+    query = select(trials.c.state, func.count()).where(trials.c.study_id == study_id) \
+        .group_by(trials.c.state)
+    with engine.connect() as connection:
+        return {state: count for state, count in connection.execute(query).all()}
+
+
+STATE_INDEX = "ix_trials_study_id_state"
+
+
+def ensure_state_index(engine) -> None:
+    """Index Optuna's ``trials`` table by (study, state), so that listing a study's RUNNING
+    or WAITING trials reads those, not the study's whole history."""
+    from sqlalchemy import Column, Index, Integer, MetaData, String, Table, exc, inspect
+
+    with engine.connect() as connection:
+        if any(ix["name"] == STATE_INDEX for ix in inspect(connection).get_indexes("trials")):
+            return
+    table = Table("trials", MetaData(), Column("study_id", Integer), Column("state", String))
+    try:
+        Index(STATE_INDEX, table.c.study_id, table.c.state).create(engine)
+    except exc.SQLAlchemyError as err:
+        if "exists" not in str(err) and "Duplicate key name" not in str(err):
+            raise  # else a concurrent init made it
+
+
+def claim_waiting(database, trial_id: int, user_attrs: dict[str, Any]) -> FrozenTrial | None:
+    """Move a WAITING trial to RUNNING and give it ``user_attrs``, in one transaction of the
+    ``RDBStorage`` ``database``; the trial as it is then, or None if it was not WAITING.
+
+    What ``set_trial_state_values`` (under a row lock, the same check), ``set_trial_user_attr``
+    and ``get_trial`` do, in one transaction instead of three.
+    """
+    import json
+    from datetime import datetime
+
+    from optuna.storages._rdb import models
+    from optuna.storages._rdb.storage import _create_scoped_session
+
+    with _create_scoped_session(database.scoped_session) as session:
+        trial = models.TrialModel.find_or_raise_by_id(trial_id, session, for_update=True)
+        if trial.state != TrialState.WAITING:
+            # the same claim again (its commit went through, its answer was lost): ours
+            stored = {a.key: json.loads(a.value_json) for a in trial.user_attributes}
+            mine = trial.state == TrialState.RUNNING and user_attrs and all(
+                stored.get(k) == v for k, v in user_attrs.items())
+            return database._build_frozen_trial_from_trial_model(trial) if mine else None
+        trial.state = TrialState.RUNNING
+        trial.datetime_start = datetime.now()
+        for key, value in user_attrs.items():
+            database._set_trial_attr_without_commit(
+                session, models.TrialUserAttributeModel, trial_id, key, value)
+        session.flush()
+        session.expire(trial)  # its attributes as now written
+        return database._build_frozen_trial_from_trial_model(trial)
+
+
+def set_trial_user_attrs(database, trial_id: int, attrs: dict[str, Any]) -> None:
+    """``set_trial_user_attr`` of each of ``attrs``, in one transaction of ``database``."""
+    from optuna.storages._rdb import models
+    from optuna.storages._rdb.storage import _create_scoped_session
+
+    with _create_scoped_session(database.scoped_session) as session:
+        for key, value in attrs.items():
+            database._set_trial_attr_without_commit(
+                session, models.TrialUserAttributeModel, trial_id, key, value)

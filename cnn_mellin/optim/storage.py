@@ -11,10 +11,19 @@ Accepted URLs:
 - A file path (anything without ``://``), or the literal ``default`` meaning
   :data:`DEFAULT_JOURNAL`: Optuna's ``JournalStorage`` on a ``JournalFileBackend``, the
   embedded store for one machine. The same path works as ``optuna ... --storage PATH``.
+- ``grpc://HOST:PORT``: Optuna's ``GrpcStorageProxy`` talking to a storage proxy
+  (``cnn-mellin optim DB_URL serve``, :mod:`cnn_mellin.optim.serve`) that holds the
+  connections to a PostgreSQL or MySQL database for hundreds of workers.
 
-Workers wrap their SQL storage in :class:`OutageTolerantStorage`: a call that fails
-because the connection to the server was lost is retried until the server is back (a
-database restart does not kill a pool of workers), for at most ``max_outage_s``.
+A process keeps few connections to a SQL server: a worker uses at most two at once (its
+loop and its heartbeat thread), so its pool keeps one and may open one more
+(:data:`POOL_SIZE`, :data:`POOL_OVERFLOW`); a server's ``max_connections`` must exceed about
+twice the number of workers, or they go through the proxy, which holds one per thread.
+
+Workers wrap their SQL or proxy storage in :class:`OutageTolerantStorage`: a call that
+fails because the connection to the server (or to the proxy, or the proxy's to its
+database) was lost is retried until it is back (a database restart does not kill a pool of
+workers), for at most ``max_outage_s``.
 
 Passwords are never shown: :func:`display_url` is what messages use.
 """
@@ -40,8 +49,14 @@ _RDB_DIALECTS = ("postgresql", "mysql", "mariadb", "sqlite")
 _ALLOWED = (
     "postgresql+psycopg2://USER@HOST/DB, mysql+pymysql://USER@HOST/DB "
     "(or mysql+pymysql:///DB?read_default_file=~/.my.cnf), sqlite:///PATH, "
-    "a journal file path, or 'default'"
+    "grpc://HOST:PORT (a storage proxy: 'optim DB_URL serve'), a journal file path, "
+    "or 'default'"
 )
+# connections a process keeps to a SQL server, and how many more it may open at once:
+# a worker's loop and its heartbeat thread each hold one only for the length of a query
+POOL_SIZE = 1
+POOL_OVERFLOW = 1
+PROXY_READY_S = 10.0  # how long opening grpc://HOST:PORT waits for the proxy to answer
 _SQLITE_LOCK_TIMEOUT_S = 60
 # the longest pause between a worker's retries: short, so that every worker is back within
 # seconds of the server (observers wait that much longer after an outage, see heartbeat)
@@ -60,12 +75,15 @@ class DatabaseUnreachable(StorageError):
 
 @dataclass(frozen=True)
 class StorageSpec:
-    """A parsed ``DB_URL``: ``kind`` is ``"rdb"`` or ``"journal"``."""
+    """A parsed ``DB_URL``: ``kind`` is ``"rdb"``, ``"journal"`` or ``"grpc"`` (a proxy at
+    ``host``:``port``)."""
 
     url: str
     kind: str
     display: str
     path: Path | None = None
+    host: str = ""
+    port: int = 0
 
 
 def display_url(db_url: str) -> str:
@@ -92,6 +110,8 @@ def parse_url(db_url: str) -> StorageSpec:
         if path.is_dir():
             raise StorageError(f"{db_url} is a directory, not a journal file; allowed: {_ALLOWED}")
         return StorageSpec(db_url, "journal", str(path), path)
+    if db_url.split("://", 1)[0].lower() == "grpc":
+        return _parse_proxy_url(db_url)
     from sqlalchemy.engine import make_url
     from sqlalchemy.exc import ArgumentError
 
@@ -109,6 +129,22 @@ def parse_url(db_url: str) -> StorageSpec:
     return StorageSpec(db_url, "rdb", display_url(db_url))
 
 
+def _parse_proxy_url(db_url: str) -> StorageSpec:
+    from urllib.parse import urlsplit
+
+    usage = f"expected grpc://HOST:PORT, got {display_url(db_url)}"
+    try:
+        parts = urlsplit(db_url)
+        port = parts.port
+    except ValueError:
+        raise StorageError(f"bad port in {display_url(db_url)}; {usage}") from None
+    if not parts.hostname or port is None or parts.path not in ("", "/") or parts.query \
+            or parts.username:
+        raise StorageError(usage)
+    return StorageSpec(db_url, "grpc", f"grpc://{parts.hostname}:{port}", host=parts.hostname,
+                       port=port)
+
+
 def _expand_query_paths(db_url: str) -> str:
     """Expand ``~`` in ``read_default_file`` (pymysql reads the path as given)."""
     from sqlalchemy.engine import make_url
@@ -121,12 +157,24 @@ def _expand_query_paths(db_url: str) -> str:
     return db_url
 
 
-def _engine_kwargs(db_url: str) -> dict:
-    kwargs: dict = {"pool_pre_ping": True}
+def _engine_kwargs(db_url: str, connections: int | None = None, ping: bool = True) -> dict:
+    """SQLAlchemy engine options; ``connections``: the most the pool may hold (one per
+    thread of a proxy), else :data:`POOL_SIZE` kept and :data:`POOL_OVERFLOW` more at once.
+
+    ``ping``: check each connection as it leaves the pool (a round trip per transaction), so
+    that one the server dropped is replaced. Workers and the proxy do without: their calls
+    are retried on a lost connection (:class:`OutageTolerantStorage`, the proxy's clients),
+    which replaces it just as well, at no cost while it lives.
+    """
+    kwargs: dict = {"pool_pre_ping": ping}
     if db_url.startswith("sqlite"):
         kwargs["connect_args"] = {"timeout": _SQLITE_LOCK_TIMEOUT_S}
+        return kwargs
+    kwargs["pool_recycle"] = 1800
+    if connections is None:
+        kwargs.update(pool_size=POOL_SIZE, max_overflow=POOL_OVERFLOW)
     else:
-        kwargs["pool_recycle"] = 1800
+        kwargs.update(pool_size=connections, max_overflow=0)
     return kwargs
 
 
@@ -147,6 +195,12 @@ def _harden_sqlite(engine) -> None:
 
 
 def _short_reason(err: BaseException) -> str:
+    details = getattr(err, "details", None)
+    if callable(details):  # a gRPC error: its str() is a multi-line debug dump
+        try:
+            return " ".join(str(details() or err.code().name).split())[:300]
+        except Exception:  # noqa: BLE001 - not a grpc.RpcError after all
+            pass
     orig = getattr(err, "orig", None) or err
     text = " ".join(str(orig).split())
     for cut in (" (Background on this error", " [SQL:"):
@@ -224,18 +278,23 @@ def ensure_database(db_url: str) -> str | None:
 
 
 def open_storage(
-    db_url: str, create: bool = False, max_outage_s: float | None = None
+    db_url: str, create: bool = False, max_outage_s: float | None = None,
+    connections: int | None = None,
 ) -> BaseStorage:
     """Open the storage ``db_url`` names.
 
     With ``create=False`` nothing is written: a journal file must exist and a database
     must already hold Optuna's tables (else StorageError, "no studies there"). With
-    ``max_outage_s``, calls to a SQL database ride out lost connections for that long
-    (:class:`OutageTolerantStorage`).
+    ``max_outage_s``, calls to a SQL database or a proxy ride out lost connections for that
+    long (:class:`OutageTolerantStorage`). ``connections`` caps a SQL engine's pool (the
+    proxy's, one per thread, whose clients retry what a lost connection failed); by default
+    a process keeps one connection.
     """
     spec = parse_url(db_url)
     if spec.kind == "journal":
         return _open_journal(spec, create)
+    if spec.kind == "grpc":
+        return _open_proxy(spec, max_outage_s)
     url = _expand_query_paths(db_url)
     if not create and not _has_optuna_tables(url, spec.display):
         raise StorageError(f"no Optuna studies in {spec.display} (run 'optim ... init' first)")
@@ -244,7 +303,10 @@ def open_storage(
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-            storage = optuna.storages.RDBStorage(url, engine_kwargs=_engine_kwargs(url))
+            storage = StudyDatabase(url, engine_kwargs=_engine_kwargs(
+                url, connections, ping=max_outage_s is None and connections is None))
+            if create:
+                internals.ensure_state_index(storage.engine)
     except sqlalchemy.exc.SQLAlchemyError as err:
         raise StorageError(f"cannot connect to {spec.display}: {_short_reason(err)}") from None
     except optuna.exceptions.StorageInternalError as err:  # the server went away mid-setup
@@ -259,6 +321,53 @@ def open_storage(
     if max_outage_s is not None:
         storage = OutageTolerantStorage(storage, spec.display, max_outage_s)
     return internals.cached(storage)
+
+
+class StudyDatabase(optuna.storages.RDBStorage):
+    """Optuna's ``RDBStorage`` with what the workers do most, cheaper: two light queries
+    that read no trial but the ones asked for (the same cost with any history), a claim and
+    the results' attributes in one transaction each."""
+
+    def waiting_brief(self, study_id: int, user_key: str) -> list[tuple[int, int, bool, bool]]:
+        """(trial id, number, has user attribute ``user_key``, has fixed parameters) of the
+        study's WAITING trials."""
+        return internals.waiting_brief(self.engine, study_id, user_key)
+
+    def state_counts(self, study_id: int) -> dict:
+        """Trials of the study per state."""
+        return internals.state_counts(self.engine, study_id)
+
+    def claim_waiting(self, trial_id: int, user_attrs: dict):
+        """WAITING → RUNNING with ``user_attrs``, in one transaction; the trial, or None if
+        it was not WAITING (see :func:`cnn_mellin.optim.internals.claim_waiting`)."""
+        return internals.claim_waiting(self, trial_id, user_attrs)
+
+    def set_trial_user_attrs(self, trial_id: int, attrs: dict) -> None:
+        """Several user attributes of a trial, in one transaction."""
+        internals.set_trial_user_attrs(self, trial_id, attrs)
+
+
+def _open_proxy(spec: StorageSpec, max_outage_s: float | None) -> BaseStorage:
+    """A client of the storage proxy at ``spec`` (waits up to :data:`PROXY_READY_S` for it)."""
+    try:
+        from cnn_mellin.optim.serve import ProxyStorage
+    except ImportError as err:
+        raise StorageError(f"{spec.display} needs the grpcio and protobuf packages ({err}): "
+                           "pip install grpcio protobuf") from None
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        storage = ProxyStorage(host=spec.host, port=spec.port)
+    try:
+        storage.wait_server_ready(timeout=PROXY_READY_S)
+    except ConnectionError:
+        storage.close()
+        raise StorageError(
+            f"cannot connect to {spec.display}: no storage proxy answered within "
+            f"{PROXY_READY_S:g} s (start one with 'cnn-mellin optim DB_URL serve')"
+        ) from None
+    if max_outage_s is not None:
+        return OutageTolerantStorage(storage, spec.display, max_outage_s)
+    return storage
 
 
 def _open_journal(spec: StorageSpec, create: bool) -> BaseStorage:
@@ -319,19 +428,33 @@ def load_study(storage: BaseStorage, study_name: str | None, db_url: str, **kwar
     return optuna.load_study(study_name=study_name, storage=storage, **kwargs)
 
 
+def _proxy_unavailable(err: BaseException) -> bool:
+    """Whether ``err`` is a gRPC call that failed with UNAVAILABLE: the proxy is down or
+    restarting, or it lost its database (:mod:`cnn_mellin.optim.serve` says so that way)."""
+    code = getattr(err, "code", None)
+    if not callable(code) or not type(err).__module__.startswith("grpc"):
+        return False
+    try:
+        return code().name == "UNAVAILABLE"
+    except Exception:  # noqa: BLE001 - an error object without a status
+        return False
+
+
 def connection_loss(err: BaseException) -> BaseException | None:
     """The error in ``err``'s chain saying the database could not be reached, or None.
 
     Lost or refused connections, server restarts, and the lock timeouts and deadlocks
     that roll a transaction back are all ``OperationalError`` in SQLAlchemy (Optuna wraps
     them in ``StorageInternalError``); the failed transaction was rolled back, so the call
-    can be made again.
+    can be made again. Through the storage proxy the same is a gRPC UNAVAILABLE.
     """
     from sqlalchemy import exc
 
     seen: set[int] = set()
     while err is not None and id(err) not in seen:
         seen.add(id(err))
+        if _proxy_unavailable(err):
+            return err
         if isinstance(err, exc.DBAPIError) and (
             err.connection_invalidated or isinstance(err, (exc.OperationalError,
                                                           exc.InterfaceError))
