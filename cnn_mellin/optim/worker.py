@@ -255,7 +255,8 @@ class Worker:
         # when older than CLAIM_REFRESH_S, so that others' retries (a trial handed back by a
         # preempted worker) are taken before fresh trials
         self.claimer = budget.SlotClaimer(
-            self.study, refresh_s=CLAIM_REFRESH_S, seed=self.identity.pid
+            self.study, refresh_s=CLAIM_REFRESH_S, seed=self.identity.pid,
+            user_attrs={WORKER_ATTR: self.identity.to_attr()},  # written with the claim
         )
         self.monitor.on_enqueue = self.claimer.invalidate
         self.standby = Standby(self.study, self.identity, self.settings.heartbeat_grace,
@@ -433,9 +434,10 @@ class Worker:
         """Run one claimed (RUNNING) trial to its end; returns the outcome's name."""
         trial_id = internals.trial_id(claimed)
         try:
-            internals.storage(self.study).set_trial_user_attr(
-                trial_id, WORKER_ATTR, self.identity.to_attr()
-            )
+            if claimed.user_attrs.get(WORKER_ATTR) != self.identity.to_attr():
+                internals.storage(self.study).set_trial_user_attr(
+                    trial_id, WORKER_ATTR, self.identity.to_attr()
+                )
         except UpdateFinishedTrialError:  # taken for dead before it was even started
             _log.warning("trial %d was failed by another worker as it was claimed; dropped",
                          claimed.number)
@@ -723,8 +725,7 @@ class Worker:
         constraint = facts.pop("_constraint", None)
         if constraint is not None:
             trial.set_constraint(*constraint)
-        for key, value in facts.items():
-            trial.set_user_attr(key, value)
+        budget.set_user_attrs(self.study, internals.trial_id(trial), facts)  # one transaction
 
     def _finish_pruned(self, trial, facts: dict, started: float, prune: _Prune) -> str:
         admitted = facts.pop("_constraint", None)
