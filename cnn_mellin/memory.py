@@ -198,12 +198,12 @@ class _RecurrentStandIn(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, kind, hidden, *weights):
         steps, batch, inputs = x.shape
-        tnh, nh, tni = steps * batch * hidden, batch * hidden, steps * batch * inputs
+        tnh, nh = steps * batch * hidden, batch * hidden
         if kind == "lstm":
             saved, transient = _lstm_workspace(steps, batch, inputs, hidden) // 4 + 4 * nh, 0
         else:
             kept, stacked, gates = _CELL_STEPS[kind]
-            saved = kept * tnh + tni + nh + gates * hidden * (inputs + hidden)
+            saved = kept * tnh + nh + gates * hidden * (inputs + hidden)
             transient = stacked * tnh + nh
         ctx.kind, ctx.hidden = kind, hidden
         ctx.state = x.new_empty(saved)  # not save_for_backward: backward frees it early
@@ -232,7 +232,7 @@ class _RecurrentStandIn(torch.autograd.Function):
 
 # per-step cells (GRU, RNN): multiples of T N H kept for backward and held while the
 # outputs are stacked, and the number of gates
-_CELL_STEPS = {"gru": (4, 3, 3), "rnn": (0, 1, 1)}
+_CELL_STEPS = {"gru": (6, 3, 3), "rnn": (1, 1, 1)}
 
 
 def _lstm_workspace(steps: int, batch: int, inputs: int, hidden: int) -> int:

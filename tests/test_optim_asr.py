@@ -36,20 +36,44 @@ def _asr_study(url, tmp_path, name="asr", num_trials=2, limit=None, config=None,
     return settings
 
 
-def test_over_limit_configurations_are_pruned_before_training(tmp_path):
+def test_a_space_mostly_over_the_limit_trains_only_feasible_trials(tmp_path):
+    # recurrent sizes 32..512 drawn log-uniformly: about 90 % of draws need more than a
+    # 42-unit model, the limit here
     url = str(tmp_path / "s.journal")
-    _asr_study(url, tmp_path, limit=1000)
+    probe = _asr_study(url, tmp_path, name="probe")
+    task = probe.build_task()
+    figure = task.peak_memory(task.config({**probe.base_config, "model.recurrent_size": 42}),
+                              "cpu")
+    _asr_study(url, tmp_path, num_trials=3, limit=figure.bytes)
     summary = run_worker(url, "asr", seed=0)
-    assert summary.outcomes == {"pruned": 2}
-    for trial in load(url, "asr").get_trials():
-        assert trial.user_attrs["prune_kind"] == "memory"
-        needed = trial.user_attrs["admission_bytes"]
-        assert needed > 1000 and trial.user_attrs["admission_method"] == "estimated"
-        assert trial.user_attrs["prune_reason"] == (
-            f"needs {needed} bytes (estimated) on cpu, over the limit of 1000 bytes")
-        assert trial.user_attrs["epochs"] == 0 and not trial.intermediate_values
-        assert trial.system_attrs["constraints:memory"] == pytest.approx(needed / 1000 - 1)
-    assert not (tmp_path / "ckpt" / "asr").exists()  # nothing was trained
+    assert summary.outcomes == {"complete": 3}
+    trials = load(url, "asr").get_trials()
+    assert len(trials) == 3  # rejected draws take no slot of the budget
+    assert all(t.params["model.recurrent_size"] <= 42 for t in trials)
+    assert all(t.user_attrs["admission_bytes"] <= figure.bytes for t in trials)
+    assert sum(t.user_attrs.get("draws_rejected_memory", 0) for t in trials) >= 3
+    assert all(t.user_attrs["epochs"] == 2 for t in trials)
+
+
+def test_init_refuses_a_space_where_nothing_fits(tmp_path, cli):
+    data = write_store(tmp_path / "train", 24, seed=0)
+    ini = tmp_path / "tiny.ini"
+    tiny_config(num_epochs=2).write_ini(ini)
+    code, out, err = cli("--read-ini", ini, "optim", "--study-name", "none",
+                         tmp_path / "s.journal", "init", data, "--whitelist",
+                         "model.recurrent_size", "--mem-limit-bytes", "1000",
+                         "--checkpoint-dir", tmp_path / "ckpt")
+    assert code == 2 and out == ""
+    assert err.startswith("cnn-mellin: error: no configuration of the search space fits: "
+                          "none of ")
+    assert "over the memory limit of 1000 bytes, 0 invalid; the smallest needs " in err
+    assert len(err.strip().splitlines()) == 1
+    assert not (tmp_path / "s.journal").exists()  # nothing written
+    code, out, err = cli("--read-ini", ini, "optim", "--study-name", "some",
+                         tmp_path / "s.journal", "init", data, "--whitelist",
+                         "model.recurrent_size", "--checkpoint-dir", tmp_path / "ckpt")
+    assert code == 0, err
+    assert "feasible: " in out and " uniform draws of the space are feasible (100%;" in out
 
 
 @pytest.mark.parametrize("how, kind, reason", [

@@ -86,6 +86,11 @@ class AsrTask(Task):
             "speaker when utterance ids carry one (default %(default)s)",
             type=float, default=DEFAULT_DEV_PROPORTION, metavar="P",
         ),
+        TaskOption(
+            "--train-utterances", "train on a fixed subset of this many of the training "
+            "utterances (a small stage: its trials are cheap; default: all)",
+            type=int, default=None, metavar="N",
+        ),
     )
 
     @classmethod
@@ -102,11 +107,15 @@ class AsrTask(Task):
         if len(info) == 0:
             raise DataError(f"data dir {data_dir} holds no utterances")
         by, dev = split_dev(info.utt_ids, dev_proportion)
+        subset = options.get("train_utterances")
+        if subset is not None and subset < 1:
+            raise ConfigError(f"--train-utterances must be at least 1, got {subset}")
         stored = {
             "data_dir": str(data_dir), "feature": info.feature, "num_coeffs": info.num_coeffs,
             "dev_proportion": float(dev_proportion), "split_by": by, "dev": dev,
             "num_utts": len(info),
             "fingerprint": fingerprint(info.utt_ids),
+            **({"train_utterances": int(subset)} if subset is not None else {}),
         }
         train, _ = cls(stored).split(info.utt_ids)
         frames = dict(zip(info.utt_ids, info.num_frames, strict=True))
@@ -122,6 +131,10 @@ class AsrTask(Task):
             is_dev = [u in dev_units for u in utt_ids]
         train = [u for u, d in zip(utt_ids, is_dev, strict=True) if not d]
         dev = [u for u, d in zip(utt_ids, is_dev, strict=True) if d]
+        subset = self.info.get("train_utterances")
+        if subset is not None and subset < len(train):  # a fixed pseudo-random subset
+            chosen = set(sorted(train, key=_order)[:subset])
+            train = [u for u in train if u in chosen]
         return train, dev
 
     def _read(self):
