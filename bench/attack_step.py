@@ -1,7 +1,8 @@
 """Cost of one attack step against a forward + parameter gradient of the same victim and input.
 
 Run: .venv/bin/python bench/attack_step.py [--threads 1] [--repeats 5] [--steps 4]
-         [--frames 100 360] [--hvp forward central exact] [--quality]
+         [--frames 100 360] [--hvp forward central exact]
+         [--quality [--quality-steps 150] [--quality-utterances 6] [--fd-epsilon 1e-3]]
 
 For each victim (the default model, the default with Mellin correlation, and a GRU victim
 with layer normalisation; random weights, which do not change the cost) and each input
@@ -14,9 +15,10 @@ step / plain pass, then the median ratio over the victims per length and ``--hvp
 issue's goal: at most 3).
 
 ``--quality`` instead attacks the test victims (the tests' tiny model trained 15 epochs on the
-tiny store, with ReLU and with tanh correlation layers; about 10 s each to train) on six
-utterances with the same steps for every ``--hvp`` and prints the mean MAE and SNR each
-reaches: the finite differences must be no worse than the exact double backward.
+tiny store, with ReLU and with tanh correlation layers; about 10 s each to train) on
+``--quality-utterances`` utterances with the same steps for every ``--hvp`` (and
+``--fd-epsilon``) and prints the mean MAE and SNR each reaches: the finite differences must be
+no worse than the exact double backward.
 """
 
 from __future__ import annotations
@@ -114,26 +116,29 @@ def bench_quality(args) -> None:
     from cnn_mellin.training import train
     from tests.training_fixtures import tiny_config, write_store
 
+    runs = [(hvp, epsilon) for hvp in args.hvp
+            for epsilon in ([1e-3] if hvp == "exact" else args.fd_epsilon)]
     with tempfile.TemporaryDirectory() as tmp:
         data = write_store(Path(tmp) / "data", 40, seed=0)
-        utts = read_info(data).utt_ids[10:16]
+        utts = read_info(data).utt_ids[10:10 + args.quality_utterances]
         for nonlinearity in ("relu", "tanh"):
             config = tiny_config(num_epochs=15, learning_rate=0.01).replace(
                 {"model.convolutional_nonlinearity": nonlinearity})
             train(config, data, None, model_dir=Path(tmp) / nonlinearity)
             model = load_model_file(Path(tmp) / nonlinearity).model
-            for hvp in args.hvp:
-                attack, defence = _attack(hvp, args.quality_steps)
+            for hvp, epsilon in runs:
+                attack, defence = _attack(hvp, args.quality_steps, fd_epsilon=epsilon)
                 maes, snrs, started = [], [], time.perf_counter()
                 for utt in utts:
                     feats, targets = read_utterance(data, utt)
                     result = invert(model, feats, targets, attack, defence)
                     maes.append(result.mae)
                     snrs.append(result.snr_db)
-                print(f"tiny {nonlinearity} victim, {hvp:>7}, {args.quality_steps} steps: mean "
-                      f"MAE {statistics.fmean(maes):.4f}, mean SNR {statistics.fmean(snrs):.2f} "
-                      f"dB ({time.perf_counter() - started:.0f} s; per utterance "
-                      + " ".join(f"{m:.3f}" for m in maes) + ")", flush=True)
+                label = hvp if hvp == "exact" else f"{hvp} {epsilon:g}"
+                print(f"tiny {nonlinearity} victim, {label:>13}, {args.quality_steps} steps: "
+                      f"mean MAE {statistics.fmean(maes):.4f}, mean SNR "
+                      f"{statistics.fmean(snrs):.2f} dB ({time.perf_counter() - started:.0f} s;"
+                      " per utterance " + " ".join(f"{m:.3f}" for m in maes) + ")", flush=True)
 
 
 def main() -> None:
@@ -147,6 +152,9 @@ def main() -> None:
     parser.add_argument("--quality", action="store_true",
                         help="compare reconstruction quality on the test victims instead")
     parser.add_argument("--quality-steps", type=int, default=150)
+    parser.add_argument("--quality-utterances", type=int, default=6)
+    parser.add_argument("--fd-epsilon", type=float, nargs="+", default=[1e-3],
+                        help="attack.fd_epsilon values of --quality")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     print(f"torch {torch.__version__}, {args.threads} thread(s), "

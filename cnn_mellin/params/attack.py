@@ -91,7 +91,7 @@ GROUP = Group(
             "backward (the slow reference).", choices=("forward", "central", "exact"),
         ),
         Param(
-            "fd_epsilon", float, 1e-3, "Finite-difference step: the victim's parameters move "
+            "fd_epsilon", float, 1e-4, "Finite-difference step: the victim's parameters move "
             "by this share of their norm.", low=1e-8, high=1.0,
             search=Search(1e-4, 1e-2, log=True), active=_finite_difference,
         ),
