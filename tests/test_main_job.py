@@ -30,8 +30,8 @@ def test_staged_search_end_to_end(tmp_path):
     env = {
         **{k: v for k, v in os.environ.items() if k != "DB_URL"},
         "DATA": str(tmp_path / "data"), "EXP": str(tmp_path / "exp"),
-        "EXTRA_INI": str(fast), "UTTERANCES": "60",
-        "SM_TRIALS": "5", "LG_TRIALS": "2", "TOP_K": "2", "WORKERS": "2", "SEED": "2",
+        "EXTRA_INI": str(fast), "UTTERANCES": "60", "BUDGET_MINUTES": "6",
+        "SM_TRIALS": "4", "LG_TRIALS": "2", "TOP_K": "2", "WORKERS": "2", "SEED": "2",
         "OMP_NUM_THREADS": "1",
     }
     done = subprocess.run(["bash", "scripts/staged_search.sh"], cwd=ROOT, env=env,
@@ -53,15 +53,19 @@ def test_staged_search_end_to_end(tmp_path):
         assert shown.returncode == 0, shown.stderr
         return json.loads(shown.stdout)
 
-    for name, trials in ((sm, 5), (lg, 2)):
+    plan = (conf / "plan-mcorr.sh").read_text()
+    assert "sm_trials=4\n" in plan and "lg_trials=2\n" in plan  # sized from the measured step
+    for name, trials in ((sm, 4), (lg, 2)):
         shown = status(name)
         counts = shown["counts"]
-        # the sm stage is topped up by 4 (at most twice) when fewer than two trials completed
-        assert shown["budget"] in (trials, trials + 4, trials + 8), shown["budget"]
-        assert counts["done"] == counts["complete"] + counts["pruned"] == shown["budget"], counts
-        assert counts["complete"] >= (2 if name == sm else 1) and counts["fail"] == 0, counts
-    # the lg stage tried its base first: the carried configuration, then demo-lg.ini and
-    # EXTRA_INI (read after it in both stages)
+        assert shown["budget"] == trials, shown["budget"]
+        assert counts["done"] == counts["complete"] + counts["pruned"] == trials, counts
+        assert counts["fail"] == 0, counts
+    # every sm trial trained: draws over the memory limit were redrawn, never trials
+    assert status(sm)["counts"]["complete"] == 4
+    assert status(sm)["prune_kinds"] == {}
+    # the lg stage tried its base first: the carried configuration, then the planned epochs
+    # and EXTRA_INI (read after it in both stages)
     study = load(str(journal), lg)
     settings = read_settings(study)
     searched = settings.searched  # the top ones that can matter given the .ini

@@ -165,7 +165,12 @@ def _add_init_arguments(init, whitelist: bool = True) -> None:
                       f"(default {DEFAULT_NUM_TRIALS})")
     init.add_argument("--max-trial-seconds", type=float, default=None, metavar="S",
                       help="a trial still running after S seconds of its attempt is pruned "
-                      "at its next report (prune kind timeout; default: no limit)")
+                      "at its next report (prune kind timeout; the base configuration never "
+                      "is; default: no limit)")
+    init.add_argument("--max-trial-time-ratio", type=float, default=None, metavar="R",
+                      help="a trial that took more than R times as long as the base "
+                      "configuration's trial to reach an epoch is pruned there (prune kind "
+                      "timeout): a limit that travels between machines (default: none)")
     init.add_argument("--pruner", choices=PRUNERS, default="hyperband",
                       help="early stopping of poor trials, decided from half the epochs on "
                       "(default hyperband: one rung at half, keeps the best third)")
@@ -319,7 +324,7 @@ def _settings(args, config, name, whitelist, blacklist):
 
     _, options = task_options(args)
     options.pop("data_dir")
-    return build_settings(
+    settings = build_settings(
         config, args.data_dir, task=args.task, task_options=options,
         whitelist=whitelist, blacklist=blacklist, num_trials=args.num_trials,
         mem_limit_bytes=args.mem_limit_bytes, pruner=args.pruner,
@@ -327,7 +332,13 @@ def _settings(args, config, name, whitelist, blacklist):
         checkpoint_dir=args.checkpoint_dir or Path("exp/optim/checkpoints") / name,
         heartbeat_interval=args.heartbeat_interval, heartbeat_grace=args.heartbeat_grace,
         max_retries=args.max_retries, max_trial_seconds=args.max_trial_seconds,
+        max_trial_time_ratio=args.max_trial_time_ratio,
     )
+    from cnn_mellin.optim.feasible import check_space
+
+    # refuses a space where nothing fits; _report_init prints the share that does
+    args.feasible = check_space(settings, args.device or "cpu", seed=args.seed or 0)
+    return settings
 
 
 def run_init(args, config) -> int:
@@ -353,6 +364,8 @@ def _report_init(args, name, settings, result) -> None:
         )
     else:
         sys.stdout.write(f"study {name} in {where} already has these settings; nothing to do\n")
+    if getattr(args, "feasible", None) is not None:
+        sys.stdout.write(f"feasible: {args.feasible.describe()}\n")
 
 
 def run_grow(args, config) -> int:
@@ -415,11 +428,13 @@ def _run(args) -> int:
 
 
 def run_important(args, config) -> int:
-    from cnn_mellin.optim.importance import important_text
+    from cnn_mellin.optim.importance import important_text, ranked_trials, trust_note
 
     study, settings = _open(args)
     _emit(important_text(study, settings, top_k=args.top_k, threshold=args.threshold,
                          evaluator=args.evaluator), args.out)
+    # standard output holds the names alone (the recipe reads them back as a whitelist)
+    sys.stderr.write(f"{study.study_name}: {trust_note(len(ranked_trials(study)))}\n")
     return 0
 
 
