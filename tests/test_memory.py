@@ -26,24 +26,27 @@ def _optimizer(name):
     return partial(make_optimizer, name=name, learning_rate=1e-3, momentum=0.9)
 
 
-CASES = [  # params, num_coeffs, batch, frames, optimizer
-    ({}, 81, 8, 300, "adam"),
-    ({"convolutional_mellin": True}, 81, 8, 300, "adamw"),
+CASES = [  # params, num_coeffs, batch, frames, optimizer, tolerance
+    ({}, 81, 8, 300, "adam", 0.05),
+    ({"convolutional_mellin": True}, 81, 8, 300, "adamw", 0.05),
     ({"convolutional_mellin": True, "recurrent_bidirectional": False,
-      "convolutional_factor_sched": 2}, 41, 4, 200, "rmsprop"),
+      "convolutional_factor_sched": 2}, 41, 4, 200, "rmsprop", 0.05),
+    # GRU and RNN cells are stand-ins with fitted sizes (docs/benchmarks.md): up to 8 % off
     ({"recurrent_type": "gru", "convolutional_layers": 3, "recurrent_size": 64}, 40, 4, 120,
-     "sgd"),
+     "sgd", 0.08),
+    ({"recurrent_type": "rnn", "recurrent_size": 200, "recurrent_layers": 3}, 81, 8, 300,
+     "adam", 0.05),
     ({"convolutional_mellin": True, "raw_window_size": 200, "raw_window_stride": 160}, 1, 2,
-     16000, "adam"),
+     16000, "adam", 0.05),
     ({"layer_norm": True, "input_dropout": 0.1, "input_smoothing_width": 2.0}, 81, 8, 300,
-     "adam"),
+     "adam", 0.05),
 ]
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("params,num_coeffs,batch,frames,optimizer", CASES)
-def test_estimate_within_15_percent_of_cpu_measurement(params, num_coeffs, batch, frames,
-                                                      optimizer):
+@pytest.mark.parametrize("params,num_coeffs,batch,frames,optimizer,tolerance", CASES)
+def test_estimate_close_to_the_cpu_measurement(params, num_coeffs, batch, frames, optimizer,
+                                               tolerance):
     torch.manual_seed(0)
     model = AcousticModel(params, num_coeffs)
     measured = measure_peak_bytes(model, batch, frames, num_coeffs, _optimizer(optimizer),
@@ -51,7 +54,7 @@ def test_estimate_within_15_percent_of_cpu_measurement(params, num_coeffs, batch
     estimated = estimate_peak_bytes(params, num_coeffs, batch, frames, optimizer, device="cpu")
     weights = sum(p.numel() * p.element_size() for p in model.parameters())
     assert measured > 3 * weights  # weights, gradients and optimiser state at least
-    assert abs(estimated - measured) <= 0.15 * measured, (estimated, measured)
+    assert abs(estimated - measured) <= tolerance * measured, (estimated, measured)
 
 
 def test_measurement_leaves_the_model_alone():
