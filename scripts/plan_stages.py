@@ -82,6 +82,7 @@ def main() -> None:
     parser.add_argument("--sm-epochs", type=int, default=6)
     parser.add_argument("--sm-share", type=float, default=0.35)
     parser.add_argument("--lg-trials", type=int, default=2)
+    parser.add_argument("--max-lg-epochs", type=int, default=30)
     parser.add_argument("--dev-proportion", type=float, default=0.1)
     args = parser.parse_args()
 
@@ -102,7 +103,7 @@ def main() -> None:
     per_trial = sm_s / rounds
     sm_utts = int(per_trial / (args.sm_epochs * step_s * OVERHEAD) * batch)
     sm_utts = max(4 * batch, min(train_utts, sm_utts))
-    lg_epochs = max(2, int((args.budget_s - sm_s) / epoch_s))
+    lg_epochs = max(2, min(args.max_lg_epochs, int((args.budget_s - sm_s) / epoch_s)))
     print(f"plan: a training step of the base takes {step_s:.3f} s here ({args.workers} "
           f"processes at once, batch {batch} x {frames} frames): {epoch_s:.0f} s an epoch of "
           f"{train_utts} utterances; sm: {sm_trials} trials x {args.sm_epochs} epochs of "

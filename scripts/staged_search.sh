@@ -12,8 +12,9 @@
 #   2. optim stage (= important --top-k, best, init): carries the best configuration and
 #      the top parameters into
 #   3. model-<type>-lg: TPE search over just the top parameters on all the utterances,
-#      longer trials, the carried configuration first; hyperband compares the others with
-#      it at half their epochs (the base configuration is never pruned),
+#      longer trials, the carried configuration first, one trial per worker and no pruner
+#      (with as many trials as workers a pruned trial frees a worker that has nothing to
+#      take); a trial slower than 1.5x the carried configuration's is stopped,
 #   4. best: the final configuration.
 # Re-running it is cheap: finished steps are no-ops.
 # Environment: BUDGET_MINUTES (wall clock of the whole job, default 15), MODEL_TYPE
@@ -22,8 +23,9 @@
 # many, default 12), LG_TRIALS (2), TOP_K (3), MEM_LIMIT (bytes, default 3e8),
 # UTTERANCES (training utterances spoken, default 1200), MAX_WORDS (words a sentence at
 # most, default 6), DATA (corpus and features, default data/synth-short), EXP (outputs,
-# default exp), EXTRA_INI (an .ini read last in both stages; default none), SEED (seeds the
-# samplers, so that a run can be repeated; default unseeded).
+# default exp), EXTRA_INI (an .ini read last in both stages; default none), SM_TIME_RATIO and
+# LG_TIME_RATIO (a trial slower than this many times the base's is stopped; 2.5 and 1.5),
+# SEED (seeds the samplers, so that a run can be repeated; default unseeded).
 set -euo pipefail
 # absolute before the cd below, so that the caller's relative paths keep their meaning
 abspath() { case "$1" in /*) echo "$1" ;; *) echo "$PWD/$1" ;; esac; }
@@ -92,7 +94,7 @@ cnn-mellin optim --study-name "$sm" "$db_url" status --json >/dev/null 2>&1 || c
     init "$data/$feature/train" --train-utterances "$sm_utterances" \
       --blacklist 'training.*' 'data.*' 'model.convolutional_mellin' \
       --num-trials "$sm_trials" --pruner none --mem-limit-bytes "$mem_limit" \
-      --max-trial-time-ratio 2.5 \
+      --max-trial-time-ratio "${SM_TIME_RATIO:-2.5}" \
       --checkpoint-dir "$exp/optim/checkpoints/$sm"
 cnn-mellin "${seed[@]}" optim --study-name "$sm" "$db_url" run --sampler random --workers "$workers"
 
@@ -102,8 +104,8 @@ echo "== carrying the top $top_k parameters and the best configuration into $lg"
 cnn-mellin --read-ini "$conf/$lg-epochs.ini" "${extra_ini[@]}" --device cpu \
   optim --study-name "$lg" "$db_url" \
     stage "$sm" "$data/$feature/train" --top-k "$top_k" --conf-dir "$conf" \
-      --num-trials "$lg_trials" --pruner hyperband --mem-limit-bytes "$mem_limit" \
-      --max-trial-time-ratio 1.5 \
+      --num-trials "$lg_trials" --pruner none --mem-limit-bytes "$mem_limit" \
+      --max-trial-time-ratio "${LG_TIME_RATIO:-1.5}" \
       --checkpoint-dir "$exp/optim/checkpoints/$lg"
 
 echo "== stage lg: $lg ($lg_trials TPE trials)" >&2
