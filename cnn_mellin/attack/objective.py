@@ -12,13 +12,13 @@ which :class:`Objective` computes in one of three ways (``attack.hvp``):
 
 - ``forward``: ``(dL/dx(x; θ + h v) - dL/dx(x; θ)) / h``, where ``dL/dx(x; θ)`` comes with
   ``dL/dθ`` from the same backward pass: two first-order passes in all, with the fused
-  ``F.ctc_loss`` and the fused recurrent kernels (about 2.3x one forward + parameter
-  gradient);
+  ``F.ctc_loss`` and the fused recurrent kernels (2.1-2.5x one forward + parameter
+  gradient on the default victim, ``bench/attack_step.py``);
 - ``central``: ``(dL/dx(x; θ + h v) - dL/dx(x; θ - h v)) / 2h``: three passes, error O(h²)
   instead of O(h) on smooth victims;
 - ``exact``: double backward (``create_graph=True``) through the victim and the CTC forward
   recursion written in tensor operations (:func:`ctc_loss`), since the fused CTC has no
-  second derivative: 15-35x a plain gradient, kept as the reference the others are tested
+  second derivative: 18-31x a plain gradient, kept as the reference the others are tested
   against.
 
 ``h`` is set so that ``h |v| = attack.fd_epsilon |θ|``. On a victim with ReLUs the finite
