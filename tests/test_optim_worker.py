@@ -387,6 +387,48 @@ def test_monitor_that_lost_the_database_restarts_its_heartbeat_clocks(tmp_path, 
     assert study._storage.get_trial(trial._trial_id).state == TrialState.FAIL
 
 
+def test_monitor_whose_own_heartbeat_was_held_up_restarts_its_heartbeat_clocks(
+    tmp_path, monkeypatch
+):
+    """A worker killed while it held the journal's lock stalls every write for Optuna's 30-s
+    lock grace: an observer blocked in its own heartbeat meanwhile took a live worker (as
+    blocked) for dead, 'no heartbeat from worker ... for 30 s', under load."""
+    import types
+
+    from cnn_mellin.optim import heartbeat
+    from cnn_mellin.optim.storage import RETRY_PAUSE_MAX_S
+
+    url = _journal(tmp_path)
+    fake_study(url, tmp_path, num_trials=2, whitelist=["training.learning_rate"])
+    study = load(url, "fake")
+    claimer = budget.SlotClaimer(study, 60)
+    mine, theirs = claimer.claim(), claimer.claim()
+    other = WorkerIdentity("elsewhere", 1, "1", "boot", "ns", "cpu")
+    study._storage.set_trial_user_attr(theirs._trial_id, WORKER_ATTR, other.to_attr())
+    study._storage.set_trial_system_attr(theirs._trial_id, BEAT_KEY, 1.0)
+    now, grace = [1000.0], 3.0
+    monkeypatch.setattr(heartbeat, "time", types.SimpleNamespace(
+        monotonic=lambda: now[0], time=time.time))
+    monitor = Monitor(study, WorkerIdentity.current(), 1.0, grace, 2, 2)
+    monitor.own(mine._trial_id)
+    monitor.cycle()
+    write = study._storage.set_trial_system_attr
+
+    def held_up(*args):
+        now[0] += grace + 1  # longer than the grace, and far longer than an interval
+        write(*args)
+
+    monkeypatch.setattr(study._storage, "set_trial_system_attr", held_up)
+    monitor.cycle()
+    monkeypatch.setattr(study._storage, "set_trial_system_attr", write)
+    now[0] += grace + 1
+    monitor.cycle()
+    assert study._storage.get_trial(theirs._trial_id).state == TrialState.RUNNING
+    now[0] += RETRY_PAUSE_MAX_S
+    monitor.cycle()
+    assert study._storage.get_trial(theirs._trial_id).state == TrialState.FAIL
+
+
 def test_heartbeat_on_a_finished_trial_marks_it_lost(tmp_path):
     url = _journal(tmp_path)
     fake_study(url, tmp_path, num_trials=1, whitelist=["training.learning_rate"])

@@ -10,10 +10,11 @@ its own). Another worker declares a trial's worker dead when
 - the worker ran on the same machine and its process is gone (seen at once), or
 - the trial's heartbeat has not changed for ``heartbeat_grace`` seconds of the
   observer's own clock (so clocks of different hosts never need to agree). An observer
-  that lost the database meanwhile starts its clocks again when it is back, and gives every
-  worker :data:`~cnn_mellin.optim.storage.RETRY_PAUSE_MAX_S` more: it could not see
-  heartbeats that the others could not write either, and a live worker may be asleep
-  between two retries for that long after the database is back.
+  that lost the database meanwhile, or whose own heartbeat write was held up for longer
+  than an interval, starts its clocks again when it is back, and gives every worker
+  :data:`~cnn_mellin.optim.storage.RETRY_PAUSE_MAX_S` more: it could not see heartbeats
+  that the others could not write either, and a live worker may be asleep between two
+  retries for that long after the database is back.
 
 The dead worker's trial is then failed and its retry enqueued (:mod:`budget`).
 """
@@ -213,15 +214,23 @@ class Monitor:
     def _loop(self) -> None:
         while not self._stop.wait(self._interval_s):
             try:
-                self.beat()
-                enqueued = self.reap()
-                if time.monotonic() - self._last_reconcile > self._reconcile_every:
-                    self._last_reconcile = time.monotonic()
-                    enqueued += self._reconcile()
-                if enqueued and self.on_enqueue is not None:
-                    self.on_enqueue()
+                self.cycle()
             except Exception as err:  # a storage hiccup must not kill the worker
                 _log.warning("monitor: %s: %s", type(err).__name__, err)
+
+    def cycle(self) -> None:
+        """One round of the thread: beat, reap, now and then reconcile."""
+        began = time.monotonic()
+        self.beat()
+        # a heartbeat held up for longer than a beat period (a journal lock that a killed
+        # worker left behind, for Optuna's 30 s; a hung connection) held up the others'
+        # too: this observer was blind meanwhile
+        enqueued = self.reap(blind=time.monotonic() - began > self._interval_s)
+        if time.monotonic() - self._last_reconcile > self._reconcile_every:
+            self._last_reconcile = time.monotonic()
+            enqueued += self._reconcile()
+        if enqueued and self.on_enqueue is not None:
+            self.on_enqueue()
 
     def beat(self) -> None:
         """Refresh the heartbeat of the trial this worker runs, if any."""
@@ -236,11 +245,15 @@ class Monitor:
                 if self._own == trial_id:
                     self._lost.add(trial_id)
 
-    def reap(self) -> int:
-        """Fail the trials of dead workers and enqueue their retries; returns how many."""
+    def reap(self, blind: bool = False) -> int:
+        """Fail the trials of dead workers and enqueue their retries; returns how many.
+
+        ``blind``: this worker's own heartbeat was held up, so it judges no one by heartbeats
+        it could not have seen either, as after an outage.
+        """
         running = budget.trials_in(self._study, (TrialState.RUNNING,))
         recoveries = outage_recoveries(internals.storage(self._study))
-        if recoveries != self._recoveries:
+        if recoveries != self._recoveries or blind:
             # the others' heartbeat threads may still sleep between two retries
             self._recoveries = recoveries
             self._watch.restart(hold_s=RETRY_PAUSE_MAX_S)
