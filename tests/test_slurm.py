@@ -159,7 +159,7 @@ def _cancel_once(environ, url, logs, rng, anywhere):
 
     if anywhere:  # from the start on: imports, claim, admission, loader start, training
         _wait(lambda: queued(environ, job) and text(), 60, "the job to start")
-        time.sleep(rng.uniform(0.5, 8.0))
+        time.sleep(rng.uniform(0.5, 6.0))
     else:  # mid-epoch or while the dev set is scored, after an epoch of this attempt
         _wait(lambda: "epoch " in text(), 120, "an epoch")
         time.sleep(rng.uniform(0.0, 0.6))
