@@ -140,17 +140,15 @@ def test_a_second_signal_hands_the_trial_back_at_once(tmp_path):
     _handed_back(url, "twice", victim.number)
 
 
-def test_an_idle_worker_stops_at_once_and_a_stopped_worker_counts_every_trial(tmp_path):
+def test_an_idle_worker_stops_at_once(tmp_path):
     url = str(tmp_path / "s.journal")
     busy_log, idle_log = tmp_path / "busy.log", tmp_path / "idle.log"
-    fake_study(url, tmp_path, name="pool", num_trials=3, whitelist=SEARCH,
-               base={"training.num_epochs": 2})
-    # 0.5-s steps: the trials take 4 s, and each can stop at its next step
-    busy = _start(url, "pool", busy_log, FAKE_EPOCH_S=2, FAKE_STEPS=4)
-    _until(lambda: states(load(url, "pool")).get("COMPLETE", 0) == 2 and
-           _running(url, "pool"), "two trials done, the third running",
-           workers=[(busy, busy_log)])
-    idle = _start(url, "pool", idle_log, FAKE_EPOCH_S=2, FAKE_STEPS=4)  # nothing to claim
+    fake_study(url, tmp_path, name="pool", num_trials=1, whitelist=SEARCH,
+               base={"training.num_epochs": 1})
+    busy = _start(url, "pool", busy_log, FAKE_EPOCH_S=120)  # one step: it cannot end now
+    victim = _until(lambda: _running(url, "pool"), "the trial to start",
+                    workers=[(busy, busy_log)])
+    idle = _start(url, "pool", idle_log)  # nothing to claim: it stands by for retries
     _until(lambda: "standing by" in idle_log.read_text(), "the other worker standing by",
            workers=[(busy, busy_log), (idle, idle_log)])
     sent = time.monotonic()
@@ -160,15 +158,46 @@ def test_an_idle_worker_stops_at_once_and_a_stopped_worker_counts_every_trial(tm
     text = idle_log.read_text()
     assert "worker stopped by SIGTERM\n" in text and "re-enqueued" not in text, text
     assert "worker done: no trials run" in text  # true here: it ran none
-    victim = _running(url, "pool")
-    busy.send_signal(signal.SIGTERM)
+    assert _running(url, "pool").number == victim.number  # the other one's trial goes on
+    for _ in range(2):  # the second signal: at once
+        busy.send_signal(signal.SIGTERM)
+        _until(lambda: "SIGTERM: the trial saves" in busy_log.read_text(), "the first stop")
     assert _exit(busy) == 128 + signal.SIGTERM, busy_log.read_text()
-    failed, _ = _handed_back(url, "pool", victim.number)
+    _handed_back(url, "pool", victim.number)
+
+
+def _step(tmp_path, name, trial):
+    """The steps a fake trial has checkpointed (0 before its first)."""
+    files = list((tmp_path / "ckpt" / name).glob(f"*/trial-{trial.number}/step"))
+    return int(files[0].read_text()) if files else 0
+
+
+def test_a_stopped_worker_counts_every_trial_it_ran(tmp_path):
+    url, log = str(tmp_path / "s.journal"), tmp_path / "worker.log"
+    fake_study(url, tmp_path, name="count", num_trials=6, whitelist=SEARCH,
+               base={"training.num_epochs": 2})
+    # 2-s trials of 8 steps; each stops at its next step, unless that is its last one
+    worker = _start(url, "count", log, FAKE_EPOCH_S=1, FAKE_STEPS=4)
+    while True:  # a third (or later) trial caught early enough to be stopped mid-way
+        victim = _until(lambda: states(load(url, "count")).get("COMPLETE", 0) >= 2 and
+                        _running(url, "count"), "two trials done, another running",
+                        workers=[(worker, log)])
+        worker.send_signal(signal.SIGSTOP)
+        now = load(url, "count")._storage.get_trial(victim._trial_id)
+        early = now.state == TrialState.RUNNING and _step(tmp_path, "count", now) <= 5
+        if early:
+            worker.send_signal(signal.SIGTERM)  # delivered as it goes on
+        worker.send_signal(signal.SIGCONT)
+        if early:
+            break
+        _until(lambda number=victim.number: (t := _running(url, "count")) and
+               t.number != number, "the next trial", workers=[(worker, log)])
+    assert _exit(worker) == 128 + signal.SIGTERM, log.read_text()
+    failed, _ = _handed_back(url, "count", victim.number)
     assert failed.user_attrs["stopped_at_step"] > 0
-    assert states(load(url, "pool")) == {"COMPLETE": 2, "FAIL": 1, "WAITING": 1}
-    text = busy_log.read_text()
-    # it had run two trials before the stop: they count (the summary said "no trials run")
-    assert "worker done: 2 complete, 1 interrupted" in text, text
+    done = states(load(url, "count"))["COMPLETE"]
+    # it had run trials before the stop: they count (the summary said "no trials run")
+    assert f"worker done: {done} complete, 1 interrupted" in log.read_text(), log.read_text()
 
 
 def _asr_study(url, tmp_path, loaders):
