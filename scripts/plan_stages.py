@@ -82,6 +82,7 @@ def main() -> None:
     parser.add_argument("--sm-epochs", type=int, default=6)
     parser.add_argument("--sm-share", type=float, default=0.35)
     parser.add_argument("--lg-trials", type=int, default=2)
+    parser.add_argument("--min-lg-epochs", type=int, default=4)
     parser.add_argument("--max-lg-epochs", type=int, default=30)
     parser.add_argument("--dev-proportion", type=float, default=0.1)
     args = parser.parse_args()
@@ -103,15 +104,20 @@ def main() -> None:
     per_trial = sm_s / rounds
     sm_utts = int(per_trial / (args.sm_epochs * step_s * OVERHEAD) * batch)
     sm_utts = max(4 * batch, min(train_utts, sm_utts))
-    lg_epochs = max(2, min(args.max_lg_epochs, int((args.budget_s - sm_s) / epoch_s)))
+    # a machine too slow for the lg stage's least epochs on every utterance trains it on a
+    # subset too, so that the job still ends on time
+    lg_s = args.budget_s - sm_s
+    lg_epochs = max(args.min_lg_epochs, min(args.max_lg_epochs, int(lg_s / epoch_s)))
+    lg_utts = min(train_utts, int(lg_s / (lg_epochs * step_s * OVERHEAD) * batch))
+    lg_utts = max(4 * batch, lg_utts)
     print(f"plan: a training step of the base takes {step_s:.3f} s here ({args.workers} "
           f"processes at once, batch {batch} x {frames} frames): {epoch_s:.0f} s an epoch of "
           f"{train_utts} utterances; sm: {sm_trials} trials x {args.sm_epochs} epochs of "
           f"{sm_utts} utterances (~{per_trial:.0f} s each), lg: {args.lg_trials} trials x "
-          f"{lg_epochs} epochs (~{lg_epochs * epoch_s:.0f} s)", file=sys.stderr)
+          f"{lg_epochs} epochs of {lg_utts} utterances (~{lg_s:.0f} s)", file=sys.stderr)
     print(f"step_s={step_s:.4f}\nsm_trials={sm_trials}\nsm_epochs={args.sm_epochs}\n"
           f"sm_utterances={sm_utts}\nsm_trial_s={per_trial:.0f}\nlg_trials={args.lg_trials}\n"
-          f"lg_epochs={lg_epochs}")
+          f"lg_epochs={lg_epochs}\nlg_utterances={lg_utts}")
 
 
 if __name__ == "__main__":

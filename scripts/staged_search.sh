@@ -103,7 +103,8 @@ cnn-mellin "${seed[@]}" optim --study-name "$sm" "$db_url" run --sampler random 
 echo "== carrying the top $top_k parameters and the best configuration into $lg" >&2
 cnn-mellin --read-ini "$conf/$lg-epochs.ini" "${extra_ini[@]}" --device cpu \
   optim --study-name "$lg" "$db_url" \
-    stage "$sm" "$data/$feature/train" --top-k "$top_k" --conf-dir "$conf" \
+    stage "$sm" "$data/$feature/train" --train-utterances "$lg_utterances" \
+      --top-k "$top_k" --conf-dir "$conf" \
       --num-trials "$lg_trials" --pruner none --mem-limit-bytes "$mem_limit" \
       --max-trial-time-ratio "${LG_TIME_RATIO:-1.5}" \
       --checkpoint-dir "$exp/optim/checkpoints/$lg"
