@@ -59,6 +59,13 @@ def _running(url, study):
                  if WORKER_ATTR in t.user_attrs), None)
 
 
+def _in_task(url, study, ckpt):
+    """The RUNNING trial whose task has started (made its checkpoint folder under ``ckpt``):
+    a signal now reaches the task, not the worker's claim."""
+    trial = _running(url, study)
+    return trial if trial and list(ckpt.glob(f"*/trial-{trial.number}")) else None
+
+
 def _exit(process, timeout=120):
     try:
         return process.wait(timeout=timeout)
@@ -92,7 +99,7 @@ def test_a_task_that_cannot_stop_on_request_is_handed_back_at_once(tmp_path):
     url, log = str(tmp_path / "s.journal"), tmp_path / "worker.log"
     _stubborn_study(url, tmp_path)
     worker = _start(url, "stubborn", log, FAKE_EPOCH_S=120)
-    victim = _until(lambda: _running(url, "stubborn"), "the trial to start",
+    victim = _until(lambda: _in_task(url, "stubborn", tmp_path / "ckpt"), "the trial to start",
                     workers=[(worker, log)])
     sent = time.monotonic()
     worker.send_signal(signal.SIGTERM)
@@ -112,7 +119,8 @@ def test_a_task_that_does_not_stop_within_the_grace_is_handed_back_after_it(tmp_
     # one step of 2 minutes: no chance to stop politely within a grace of 1 s
     worker = _start(url, "slow", log, code="import cnn_mellin.optim.worker as w; "
                     "w.STOP_GRACE_S = 1.0", FAKE_EPOCH_S=120)
-    victim = _until(lambda: _running(url, "slow"), "the trial to start", workers=[(worker, log)])
+    victim = _until(lambda: _in_task(url, "slow", tmp_path / "ckpt" / "slow"),
+                    "the trial to start", workers=[(worker, log)])
     sent = time.monotonic()
     worker.send_signal(signal.SIGTERM)
     assert _exit(worker) == 128 + signal.SIGTERM, log.read_text()
@@ -130,10 +138,12 @@ def test_a_second_signal_hands_the_trial_back_at_once(tmp_path):
     fake_study(url, tmp_path, name="twice", num_trials=1, whitelist=SEARCH,
                base={"training.num_epochs": 1})
     worker = _start(url, "twice", log, FAKE_EPOCH_S=120)
-    victim = _until(lambda: _running(url, "twice"), "the trial to start", workers=[(worker, log)])
+    victim = _until(lambda: _in_task(url, "twice", tmp_path / "ckpt" / "twice"),
+                    "the trial to start", workers=[(worker, log)])
     sent = time.monotonic()
     worker.send_signal(signal.SIGINT)  # Ctrl-C, then Ctrl-C again
-    _until(lambda: "SIGINT: the trial saves the step" in log.read_text(), "the first stop")
+    _until(lambda: "SIGINT: the trial saves the step" in log.read_text(), "the first stop",
+           workers=[(worker, log)])
     worker.send_signal(signal.SIGINT)
     assert _exit(worker) == 128 + signal.SIGINT, log.read_text()
     assert time.monotonic() - sent < QUICK
@@ -146,7 +156,8 @@ def test_an_idle_worker_stops_at_once(tmp_path):
     fake_study(url, tmp_path, name="pool", num_trials=1, whitelist=SEARCH,
                base={"training.num_epochs": 1})
     busy = _start(url, "pool", busy_log, FAKE_EPOCH_S=120)  # one step: it cannot end now
-    victim = _until(lambda: _running(url, "pool"), "the trial to start",
+    victim = _until(lambda: _in_task(url, "pool", tmp_path / "ckpt" / "pool"),
+                    "the trial to start",
                     workers=[(busy, busy_log)])
     idle = _start(url, "pool", idle_log)  # nothing to claim: it stands by for retries
     _until(lambda: "standing by" in idle_log.read_text(), "the other worker standing by",
@@ -161,7 +172,8 @@ def test_an_idle_worker_stops_at_once(tmp_path):
     assert _running(url, "pool").number == victim.number  # the other one's trial goes on
     for _ in range(2):  # the second signal: at once
         busy.send_signal(signal.SIGTERM)
-        _until(lambda: "SIGTERM: the trial saves" in busy_log.read_text(), "the first stop")
+        _until(lambda: "SIGTERM: the trial saves" in busy_log.read_text(), "the first stop",
+               workers=[(busy, busy_log)])
     assert _exit(busy) == 128 + signal.SIGTERM, busy_log.read_text()
     _handed_back(url, "pool", victim.number)
 
@@ -178,20 +190,22 @@ def test_a_stopped_worker_counts_every_trial_it_ran(tmp_path):
                base={"training.num_epochs": 2})
     # 2-s trials of 8 steps; each stops at its next step, unless that is its last one
     worker = _start(url, "count", log, FAKE_EPOCH_S=1, FAKE_STEPS=4)
-    while True:  # a third (or later) trial caught early enough to be stopped mid-way
-        victim = _until(lambda: states(load(url, "count")).get("COMPLETE", 0) >= 2 and
-                        _running(url, "count"), "two trials done, another running",
-                        workers=[(worker, log)])
+
+    def early():  # a trial after the first two, between its first and third steps
+        trial = _running(url, "count")
+        return states(load(url, "count")).get("COMPLETE", 0) >= 2 and trial and \
+            1 <= _step(tmp_path, "count", trial) <= 3 and trial
+
+    while True:  # frozen, it is checked again: still running, before its last step
+        victim = _until(early, "a later trial early in its run", workers=[(worker, log)])
         worker.send_signal(signal.SIGSTOP)
         now = load(url, "count")._storage.get_trial(victim._trial_id)
-        early = now.state == TrialState.RUNNING and _step(tmp_path, "count", now) <= 5
-        if early:
+        caught = now.state == TrialState.RUNNING and _step(tmp_path, "count", now) <= 5
+        if caught:
             worker.send_signal(signal.SIGTERM)  # delivered as it goes on
         worker.send_signal(signal.SIGCONT)
-        if early:
+        if caught:
             break
-        _until(lambda number=victim.number: (t := _running(url, "count")) and
-               t.number != number, "the next trial", workers=[(worker, log)])
     assert _exit(worker) == 128 + signal.SIGTERM, log.read_text()
     failed, _ = _handed_back(url, "count", victim.number)
     assert failed.user_attrs["stopped_at_step"] > 0
