@@ -209,6 +209,8 @@ def test_a_server_going_away_while_the_storage_is_set_up_is_a_one_line_error(mon
             raise optuna.exceptions.StorageInternalError("An exception is raised during the "
                                                          "commit.") from cause
 
-    monkeypatch.setattr(optuna.storages, "RDBStorage", refused)
+    from cnn_mellin.optim import storage
+
+    monkeypatch.setattr(storage, "StudyDatabase", refused)  # Optuna's RDBStorage, extended
     with pytest.raises(StorageError, match=r"^cannot connect to sqlite:///.*Connection refused"):
         open_storage("sqlite:///unused.db", create=True)

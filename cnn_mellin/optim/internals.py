@@ -212,43 +212,176 @@ def ensure_state_index(engine) -> None:
             raise  # else a concurrent init made it
 
 
+def _upsert_attrs(connection, table, owner: str, owner_id: int, attrs: dict[str, Any]) -> None:
+    """Insert or replace ``attrs`` in an attribute table (``owner``: its ``trial_id`` or
+    ``study_id`` column), as Optuna's ``_set_trial_attr_without_commit`` does."""
+    import json
+
+    from sqlalchemy import delete, insert
+
+    if not attrs:
+        return
+    rows = [{owner: owner_id, "key": k, "value_json": json.dumps(v)} for k, v in attrs.items()]
+    dialect = connection.dialect.name
+    if dialect in ("mysql", "mariadb"):
+        from sqlalchemy.dialects import mysql
+
+        stmt = mysql.insert(table).values(rows)
+        connection.execute(stmt.on_duplicate_key_update(value_json=stmt.inserted.value_json))
+    elif dialect in ("postgresql", "sqlite"):
+        from sqlalchemy.dialects import postgresql, sqlite
+
+        stmt = (postgresql if dialect == "postgresql" else sqlite).insert(table).values(rows)
+        connection.execute(stmt.on_conflict_do_update(
+            index_elements=[table.c[owner], table.c.key],
+            set_={"value_json": stmt.excluded.value_json}))
+    else:
+        connection.execute(delete(table).where(table.c[owner] == owner_id,
+                                               table.c.key.in_(list(attrs))))
+        connection.execute(insert(table), rows)
+
+
+def _upsert_user_attrs(connection, trial_id: int, attrs: dict[str, Any]) -> None:
+    _upsert_attrs(connection, _trial_tables()[1], "trial_id", trial_id, attrs)
+
+
+def read_trial(engine, trial_id: int) -> FrozenTrial:
+    """``RDBStorage.get_trial`` with plain queries instead of Optuna's ORM (the same trial,
+    a fraction of the cost); KeyError if there is none."""
+    with engine.connect() as connection:
+        return _read_trial(connection, trial_id)
+
+
+def trial_number_here(database, trial_id: int) -> int | None:
+    """A trial's number, read in the transaction this thread has open on ``database`` (Optuna
+    checks a trial inside its own transactions: reading on another connection would wait
+    for the first, with SQLite's lock held or the pool spent)."""
+    from optuna.storages._rdb import models
+
+    session = database.scoped_session()
+    inside = session.in_transaction()
+    try:
+        return session.query(models.TrialModel.number) \
+            .filter(models.TrialModel.trial_id == trial_id).scalar()
+    finally:
+        if not inside:
+            session.close()
+
+
+def study_system_attrs_of(engine, study_id: int) -> dict[str, Any]:
+    """``RDBStorage.get_study_system_attrs`` with a plain query; KeyError if no such study."""
+    import json
+
+    from optuna.storages._rdb import models
+    from sqlalchemy import select
+
+    table, studies = models.StudySystemAttributeModel.__table__, models.StudyModel.__table__
+    with engine.connect() as connection:
+        rows = connection.execute(select(table.c.key, table.c.value_json)
+                                  .where(table.c.study_id == study_id)).all()
+        if not rows and connection.execute(
+                select(studies.c.study_id).where(studies.c.study_id == study_id)).first() is None:
+            raise KeyError(f"no study with id {study_id}")
+    return {key: json.loads(value) for key, value in rows}
+
+
+def set_study_system_attr_of(engine, study_id: int, key: str, value: Any) -> None:
+    """``RDBStorage.set_study_system_attr`` as one upsert; KeyError if no such study."""
+    from optuna.storages._rdb import models
+    from sqlalchemy import select
+
+    studies = models.StudyModel.__table__
+    with engine.begin() as connection:
+        if connection.execute(select(studies.c.study_id)
+                              .where(studies.c.study_id == study_id)).first() is None:
+            raise KeyError(f"no study with id {study_id}")
+        _upsert_attrs(connection, models.StudySystemAttributeModel.__table__, "study_id",
+                      study_id, {key: value})
+
+
+def _read_trial(connection, trial_id: int) -> FrozenTrial:
+    """One trial, read with plain queries (what ``RDBStorage.get_trial`` builds)."""
+    import json
+
+    from optuna import distributions
+    from optuna.storages._rdb import models
+    from sqlalchemy import select
+
+    def rows(model, *columns):
+        table = model.__table__
+        return connection.execute(
+            select(*(table.c[c] for c in columns)).where(table.c.trial_id == trial_id)).all()
+
+    found = rows(models.TrialModel, "number", "state", "datetime_start", "datetime_complete")
+    if not found:
+        raise KeyError(f"no trial with id {trial_id}")
+    [(number, state, start, complete)] = found
+    params = sorted(rows(models.TrialParamModel, "param_id", "param_name", "param_value",
+                         "distribution_json"))
+    dists = {name: distributions.json_to_distribution(dist) for _, name, _, dist in params}
+    values = sorted(rows(models.TrialValueModel, "objective", "value", "value_type"))
+    return FrozenTrial(
+        number=number, state=state, value=None,
+        values=[models.TrialValueModel.stored_repr_to_value(v, kind) for _, v, kind in values]
+        or None,
+        datetime_start=start, datetime_complete=complete,
+        params={name: dists[name].to_external_repr(value) for _, name, value, _ in params},
+        distributions=dists,
+        user_attrs={k: json.loads(v) for k, v in
+                    rows(models.TrialUserAttributeModel, "key", "value_json")},
+        system_attrs={k: json.loads(v) for k, v in
+                      rows(models.TrialSystemAttributeModel, "key", "value_json")},
+        intermediate_values={
+            step: models.TrialIntermediateValueModel.stored_repr_to_intermediate_value(v, kind)
+            for step, v, kind in rows(models.TrialIntermediateValueModel, "step",
+                                      "intermediate_value", "intermediate_value_type")},
+        trial_id=trial_id,
+    )
+
+
 def claim_waiting(database, trial_id: int, user_attrs: dict[str, Any]) -> FrozenTrial | None:
     """Move a WAITING trial to RUNNING and give it ``user_attrs``, in one transaction of the
     ``RDBStorage`` ``database``; the trial as it is then, or None if it was not WAITING.
 
-    What ``set_trial_state_values`` (under a row lock, the same check), ``set_trial_user_attr``
-    and ``get_trial`` do, in one transaction instead of three.
+    What ``set_trial_state_values`` (WAITING → RUNNING, atomic: the row's update waits for
+    any other), ``set_trial_user_attr`` and ``get_trial`` do, in one transaction of plain
+    statements instead of three of Optuna's ORM.
     """
-    import json
     from datetime import datetime
 
-    from optuna.storages._rdb import models
-    from optuna.storages._rdb.storage import _create_scoped_session
+    from sqlalchemy import update
 
-    with _create_scoped_session(database.scoped_session) as session:
-        trial = models.TrialModel.find_or_raise_by_id(trial_id, session, for_update=True)
-        if trial.state != TrialState.WAITING:
-            # the same claim again (its commit went through, its answer was lost): ours
-            stored = {a.key: json.loads(a.value_json) for a in trial.user_attributes}
-            mine = trial.state == TrialState.RUNNING and user_attrs and all(
-                stored.get(k) == v for k, v in user_attrs.items())
-            return database._build_frozen_trial_from_trial_model(trial) if mine else None
-        trial.state = TrialState.RUNNING
-        trial.datetime_start = datetime.now()
-        for key, value in user_attrs.items():
-            database._set_trial_attr_without_commit(
-                session, models.TrialUserAttributeModel, trial_id, key, value)
-        session.flush()
-        session.expire(trial)  # its attributes as now written
-        return database._build_frozen_trial_from_trial_model(trial)
+    trials = _trial_tables()[0]
+    with database.engine.begin() as connection:
+        moved = connection.execute(
+            update(trials).where(trials.c.trial_id == trial_id,
+                                 trials.c.state == TrialState.WAITING)
+            .values(state=TrialState.RUNNING, datetime_start=datetime.now())).rowcount
+        if moved:
+            _upsert_user_attrs(connection, trial_id, user_attrs)
+        trial = _read_trial(connection, trial_id)
+    if moved:
+        return trial
+    # the same claim again (its commit went through, its answer was lost): still ours
+    mine = trial.state == TrialState.RUNNING and user_attrs and all(
+        trial.user_attrs.get(k) == v for k, v in user_attrs.items())
+    return trial if mine else None
 
 
 def set_trial_user_attrs(database, trial_id: int, attrs: dict[str, Any]) -> None:
-    """``set_trial_user_attr`` of each of ``attrs``, in one transaction of ``database``."""
-    from optuna.storages._rdb import models
-    from optuna.storages._rdb.storage import _create_scoped_session
+    """``set_trial_user_attr`` of each of ``attrs``, in one transaction of ``database``:
+    UpdateFinishedTrialError if the trial has finished, KeyError if there is none."""
+    from optuna.exceptions import UpdateFinishedTrialError
+    from sqlalchemy import select
 
-    with _create_scoped_session(database.scoped_session) as session:
-        for key, value in attrs.items():
-            database._set_trial_attr_without_commit(
-                session, models.TrialUserAttributeModel, trial_id, key, value)
+    trials = _trial_tables()[0]
+    with database.engine.begin() as connection:
+        found = connection.execute(
+            select(trials.c.number, trials.c.state).where(trials.c.trial_id == trial_id)
+            .with_for_update()).one_or_none()
+        if found is None:
+            raise KeyError(f"no trial with id {trial_id}")
+        if found.state.is_finished():
+            raise UpdateFinishedTrialError(
+                f"Trial#{found.number} has already finished and can not be updated.")
+        _upsert_user_attrs(connection, trial_id, attrs)

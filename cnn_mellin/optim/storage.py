@@ -39,6 +39,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import optuna
+from optuna.exceptions import UpdateFinishedTrialError
 from optuna.storages import BaseStorage
 
 from cnn_mellin.errors import UserError
@@ -345,6 +346,25 @@ class StudyDatabase(optuna.storages.RDBStorage):
     def set_trial_user_attrs(self, trial_id: int, attrs: dict) -> None:
         """Several user attributes of a trial, in one transaction."""
         internals.set_trial_user_attrs(self, trial_id, attrs)
+
+    # Optuna's own, with plain queries: each worker makes them for every trial
+
+    def get_trial(self, trial_id: int):
+        return internals.read_trial(self.engine, trial_id)
+
+    def check_trial_is_updatable(self, trial_id: int, trial_state) -> None:
+        # Optuna's calls get_trial for its message, inside Optuna's transaction: on another
+        # connection (as get_trial now is) that would wait for the transaction itself
+        if trial_state.is_finished():
+            raise UpdateFinishedTrialError(
+                f"Trial#{internals.trial_number_here(self, trial_id)} has already finished "
+                "and can not be updated.")
+
+    def get_study_system_attrs(self, study_id: int) -> dict:
+        return internals.study_system_attrs_of(self.engine, study_id)
+
+    def set_study_system_attr(self, study_id: int, key: str, value) -> None:
+        internals.set_study_system_attr_of(self.engine, study_id, key, value)
 
 
 def _open_proxy(spec: StorageSpec, max_outage_s: float | None) -> BaseStorage:
