@@ -19,7 +19,7 @@ from cnn_mellin.optim.study import StudySettings
 
 SEED = 0
 # below this many completed trials a ranking is mostly noise; even at 12, repeated sm
-# stages of the main job (20 parameters) agreed by a mean pairwise Spearman of only 0.39
+# stages of the main job (20 parameters) agreed by a mean pairwise Spearman of only 0.33
 # (docs/benchmarks.md, "How far to trust a ranking"), so this is a floor, not a guarantee
 MIN_TRIALS_TO_RANK = 12
 
