@@ -9,6 +9,7 @@ import subprocess
 import sys
 import time
 import uuid
+from datetime import datetime
 from pathlib import Path
 
 import optuna
@@ -85,7 +86,17 @@ def database(request, tmp_path):
     return request.getfixturevalue("pg_db" if request.param == "postgresql" else "my_db")[0]
 
 
-def test_light_queries_match_optuna(database):
+@pytest.fixture
+def far_east(monkeypatch):
+    """This process in another time zone than UTC (Optuna stores naive UTC, shows local)."""
+    monkeypatch.setenv("TZ", "Asia/Kolkata")
+    time.tzset()
+    yield
+    monkeypatch.undo()
+    time.tzset()
+
+
+def test_light_queries_match_optuna(database, far_east):
     storage = open_storage(database, create=True)
     db = internals.uncached(storage)
     study = optuna.create_study(storage=storage, study_name="s")
@@ -117,7 +128,8 @@ def test_light_queries_match_optuna(database):
     me, other = {WORKER_ATTR: {"pid": 1}}, {WORKER_ATTR: {"pid": 2}}
     claimed = db.claim_waiting(2, me)
     assert claimed.state == TrialState.RUNNING and claimed.user_attrs == me
-    assert claimed.datetime_start is not None
+    assert abs((claimed.datetime_start - datetime.now()).total_seconds()) < 60  # local time
+    assert repr(claimed) == repr(optuna.storages.RDBStorage.get_trial(db, 2))
     assert db.claim_waiting(2, me) is not None  # its answer was lost: the same claim again
     assert db.claim_waiting(2, other) is None
     db.set_trial_user_attrs(2, {"a": 1, WORKER_ATTR: "x"})

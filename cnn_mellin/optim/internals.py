@@ -9,6 +9,7 @@ Optuna upgrade that moves them touches this module only.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from datetime import UTC
 from typing import Any
 
 import optuna
@@ -316,6 +317,10 @@ def _read_trial(connection, trial_id: int) -> FrozenTrial:
     if not found:
         raise KeyError(f"no trial with id {trial_id}")
     [(number, state, start, complete)] = found
+
+    def local(moment):  # stored as naive UTC, shown as naive local time (as Optuna does)
+        return moment and moment.replace(tzinfo=UTC).astimezone().replace(tzinfo=None)
+
     params = sorted(rows(models.TrialParamModel, "param_id", "param_name", "param_value",
                          "distribution_json"))
     dists = {name: distributions.json_to_distribution(dist) for _, name, _, dist in params}
@@ -324,7 +329,7 @@ def _read_trial(connection, trial_id: int) -> FrozenTrial:
         number=number, state=state, value=None,
         values=[models.TrialValueModel.stored_repr_to_value(v, kind) for _, v, kind in values]
         or None,
-        datetime_start=start, datetime_complete=complete,
+        datetime_start=local(start), datetime_complete=local(complete),
         params={name: dists[name].to_external_repr(value) for _, name, value, _ in params},
         distributions=dists,
         user_attrs={k: json.loads(v) for k, v in
@@ -356,7 +361,8 @@ def claim_waiting(database, trial_id: int, user_attrs: dict[str, Any]) -> Frozen
         moved = connection.execute(
             update(trials).where(trials.c.trial_id == trial_id,
                                  trials.c.state == TrialState.WAITING)
-            .values(state=TrialState.RUNNING, datetime_start=datetime.now())).rowcount
+            .values(state=TrialState.RUNNING,  # naive UTC, as Optuna stores it
+                    datetime_start=datetime.now(UTC).replace(tzinfo=None))).rowcount
         if moved:
             _upsert_user_attrs(connection, trial_id, user_attrs)
         trial = _read_trial(connection, trial_id)
