@@ -123,6 +123,15 @@ def state_counts(study: optuna.Study) -> dict[TrialState, int]:
     return dict(Counter(t.state for t in study.get_trials(deepcopy=False)))
 
 
+def counts(study: optuna.Study, budget: int) -> Counts:
+    """The study's trials per state against ``budget``, counted by the database where there
+    is one (no trial read: an idle worker's look costs the same with any history)."""
+    by_state = state_counts(study)
+    return Counts(*(by_state.get(state, 0) for state in (
+        TrialState.WAITING, TrialState.RUNNING, TrialState.COMPLETE, TrialState.PRUNED,
+        TrialState.FAIL)), budget)
+
+
 def claim(study: optuna.Study, trial_id: int, user_attrs: dict) -> FrozenTrial | None:
     """Take the WAITING trial ``trial_id`` (now RUNNING) and give it ``user_attrs``; the
     trial, or None if another worker took it first. On the SQL database and through the

@@ -361,7 +361,7 @@ class Worker:
                 claimed = self.claimer.claim()
                 if claimed is None:
                     num_trials = self._budget()
-                    counts = budget.count(self.study.get_trials(deepcopy=False), num_trials)
+                    counts = budget.counts(self.study, num_trials)  # counted, none read
                     if counts.done >= num_trials:
                         break
                     idle = True
