@@ -30,6 +30,25 @@ def cpu_seconds(pid: int) -> float | None:
     return (int(fields[11]) + int(fields[12])) / _TICK
 
 
+def tree_cpu_seconds(pid: int) -> float:
+    """CPU seconds of process ``pid``, its live children and the children it has reaped
+    (a PostgreSQL server: the postmaster and every backend, past ones included)."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return 0.0
+    total = sum(int(f) for f in fields[11:15]) / _TICK
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                child = (entry / "stat").read_text().rsplit(")", 1)[1].split()
+            except OSError:
+                continue
+            if int(child[1]) == pid:
+                total += (int(child[11]) + int(child[12])) / _TICK
+    return total
+
+
 def _mariadbd_pid() -> int | None:
     for entry in Path("/proc").iterdir():
         if entry.name.isdigit():
@@ -44,8 +63,9 @@ def _mariadbd_pid() -> int | None:
 class ServerWatch:
     """Peak connections to database ``name`` and the server's CPU seconds for it."""
 
-    def __init__(self, kind: str, name: str, every_s: float = 0.25):
+    def __init__(self, kind: str, name: str, every_s: float = 0.25, admin=None):
         self.kind = kind  # "postgresql" or "mariadb"
+        self._admin = admin  # kind -> an autocommit admin connection (default: the local server)
         self.name = name
         self.every_s = every_s
         self.peak = 0
@@ -56,6 +76,11 @@ class ServerWatch:
         self._conn = None
 
     def __enter__(self) -> ServerWatch:
+        if self._admin is not None:
+            self._conn = self._admin(self.kind)
+            self._server = _mariadbd_pid()
+            self._thread.start()
+            return self
         if self.kind == "postgresql":
             import psycopg2
 

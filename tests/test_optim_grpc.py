@@ -214,6 +214,28 @@ def test_the_proxy_runs_the_light_queries_and_claims(proxy):
     assert study.trials[1].user_attrs == {WORKER_ATTR: "me", "a": 1, "b": [2]}
 
 
+def test_trials_made_behind_the_proxys_back_can_be_claimed_and_sampled(proxy, pg_db):
+    # found by bench/scale_proxy.py: a study made directly on the database (or before the
+    # proxy started) is unknown to the proxy's cache, which refused its parameters
+    from cnn_mellin.optim import budget
+
+    client, _, _ = proxy
+    direct = open_storage(pg_db[0])
+    optuna.create_study(study_name="s", storage=direct).enqueue_trial({})
+    study = optuna.load_study(study_name="s", storage=client,
+                              sampler=optuna.samplers.RandomSampler())  # lists no trial
+    [slot] = budget.waiting_slots(study)
+    claimed = budget.claim(study, slot.trial_id, {WORKER_ATTR: "me"})
+    trial = optuna.Trial(study, claimed._trial_id)
+    x = trial.suggest_float("x", 0.0, 1.0)
+    study.tell(trial, x)
+    assert load_params(direct, "s") == [{"x": x}]
+
+
+def load_params(storage, name):
+    return [t.params for t in optuna.load_study(study_name=name, storage=storage).trials]
+
+
 def test_against_optunas_own_proxy_the_client_lists_instead(pg_db):
     from optuna.storages._grpc.server import make_server
 

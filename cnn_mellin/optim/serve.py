@@ -64,6 +64,28 @@ _SERVICE = "cnn_mellin.Storage"
 _OPTIONS = [("grpc.max_receive_message_length", -1), ("grpc.max_send_message_length", -1)]
 
 
+class _Backend:
+    """What the proxy serves: Optuna's cache over the database, which however knows only the
+    trials it has listed or created, and refuses to set a parameter of any other; claims
+    come from a query of their own, and the trials of a study created before the proxy
+    started are not listed first. Such a parameter goes to the database itself."""
+
+    def __init__(self, cached: BaseStorage):
+        self._cached = cached
+        self._database = internals.uncached(cached)
+
+    def __getattr__(self, name: str):
+        return getattr(self._cached, name)
+
+    def set_trial_param(self, trial_id, param_name, param_value_internal, distribution):
+        try:
+            self._cached.set_trial_param(trial_id, param_name, param_value_internal,
+                                         distribution)
+        except KeyError:  # unknown to the cache (or no such trial: the database says so)
+            self._database.set_trial_param(trial_id, param_name, param_value_internal,
+                                           distribution)
+
+
 class _DatabaseLost(grpc.ServerInterceptor):
     """Answers a call that lost the database with UNAVAILABLE (the client retries it)."""
 
@@ -274,7 +296,7 @@ def start(
         ThreadPoolExecutor(max_workers=threads, thread_name_prefix="cnn-mellin-proxy"),
         interceptors=[_DatabaseLost()], options=_OPTIONS,
     )
-    internals.add_proxy_service(server, storage)
+    internals.add_proxy_service(server, _Backend(storage))
     server.add_generic_rpc_handlers((_own_service(storage),))
     try:
         bound = server.add_insecure_port(f"{host}:{port}")
