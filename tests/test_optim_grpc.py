@@ -18,6 +18,7 @@ from optuna.exceptions import UpdateFinishedTrialError
 from optuna.trial import TrialState
 
 from cnn_mellin.optim import internals
+from cnn_mellin.optim.attrs import BEAT_KEY
 from cnn_mellin.optim.attrs import WORKER as WORKER_ATTR
 from cnn_mellin.optim.storage import (
     OutageTolerantStorage,
@@ -132,11 +133,16 @@ def test_light_queries_match_optuna(database, far_east):
     assert repr(claimed) == repr(optuna.storages.RDBStorage.get_trial(db, 2))
     assert db.claim_waiting(2, me) is not None  # its answer was lost: the same claim again
     assert db.claim_waiting(2, other) is None
+    db.set_trial_system_attr(2, BEAT_KEY, 5.0)
+    assert db.running_brief(sid, WORKER_ATTR, BEAT_KEY) == [
+        (2, 1, claimed.datetime_start, {"pid": 1}, 5.0)]
     db.set_trial_user_attrs(2, {"a": 1, WORKER_ATTR: "x"})
     assert db.get_trial(2).user_attrs == {"a": 1, WORKER_ATTR: "x"}
     db.set_trial_state_values(2, TrialState.FAIL)
     with pytest.raises(UpdateFinishedTrialError):
         db.set_trial_user_attrs(2, {"a": 2})
+    with pytest.raises(UpdateFinishedTrialError):
+        db.set_trial_system_attr(2, BEAT_KEY, 6.0)
     # Optuna checks a finished trial inside its own transaction: on SQLite, reading it on
     # another connection waited a minute for that transaction ("database is locked")
     began = time.monotonic()
@@ -207,6 +213,10 @@ def test_the_proxy_runs_the_light_queries_and_claims(proxy):
                                                              {WORKER_ATTR: "me"})
     assert budget.claim(study, 2, {WORKER_ATTR: "other"}) is None
     assert [t.number for t in internals.trials_in(study, (TrialState.RUNNING,))] == [1]
+    [running] = budget.running(study)
+    assert (running.number, running.user_attrs, running.system_attrs) == (
+        1, {WORKER_ATTR: "me"}, {})
+    assert running.datetime_start == trial.datetime_start
     budget.set_user_attrs(study, 2, {"a": 1, "b": [2]})
     study.tell(1, 0.5)  # by number
     with pytest.raises(UpdateFinishedTrialError):
@@ -256,6 +266,7 @@ def test_against_optunas_own_proxy_the_client_lists_instead(pg_db):
         assert trial.user_attrs == {WORKER_ATTR: "me"}
         assert budget.claim(study, 1, {WORKER_ATTR: "other"}) is None
         assert [t.number for t in internals.trials_in(study, (TrialState.RUNNING,))] == [0]
+        assert [t.user_attrs for t in budget.running(study)] == [{WORKER_ATTR: "me"}]
     finally:
         server.stop(0)
 

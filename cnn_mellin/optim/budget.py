@@ -32,6 +32,7 @@ from optuna.trial import FrozenTrial, TrialState
 from cnn_mellin.optim import internals
 from cnn_mellin.optim.attrs import (
     BASE_EPOCH_SECONDS,
+    BEAT_KEY,
     FAIL_KIND,
     FAIL_REASON,
     INTERRUPT_COUNT,
@@ -40,6 +41,7 @@ from cnn_mellin.optim.attrs import (
     REPLACES,
     RETRY_COUNT,
     RETRY_OF,
+    WORKER,
 )
 
 _log = logging.getLogger("cnn_mellin.optim")
@@ -102,6 +104,20 @@ class Slot(NamedTuple):
     number: int
     retry: bool  # a retry of a failed trial: taken before the others
     fixed: bool  # enqueued with parameters (the base configuration): next
+
+
+def running(study: optuna.Study) -> list[FrozenTrial]:
+    """The study's RUNNING trials with their worker's identity and heartbeat, and nothing
+    else read where there is a database (every worker looks at all of them every heartbeat
+    interval: W workers read W trials each)."""
+    brief = internals.extension(study, "running_brief")
+    if brief is None:
+        return trials_in(study, (TrialState.RUNNING,))
+    return [internals.running_trial(trial_id, number, start,
+                                    {WORKER: worker} if worker is not None else {},
+                                    {BEAT_KEY: beat} if beat is not None else {})
+            for trial_id, number, start, worker, beat in
+            brief(internals.study_id(study), WORKER, BEAT_KEY)]
 
 
 def waiting_slots(study: optuna.Study) -> list[Slot]:

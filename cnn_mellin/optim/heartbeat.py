@@ -33,7 +33,7 @@ from pathlib import Path
 
 import optuna
 from optuna.exceptions import UpdateFinishedTrialError
-from optuna.trial import FrozenTrial, TrialState
+from optuna.trial import FrozenTrial
 
 from cnn_mellin.optim import budget, internals
 from cnn_mellin.optim.attrs import BEAT_KEY
@@ -251,7 +251,7 @@ class Monitor:
         ``blind``: this worker's own heartbeat was held up, so it judges no one by heartbeats
         it could not have seen either, as after an outage.
         """
-        running = budget.trials_in(self._study, (TrialState.RUNNING,))
+        running = budget.running(self._study)
         recoveries = outage_recoveries(internals.storage(self._study))
         if recoveries != self._recoveries or blind:
             # the others' heartbeat threads may still sleep between two retries

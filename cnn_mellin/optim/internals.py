@@ -183,6 +183,44 @@ def waiting_brief(engine, study_id: int, user_key: str) -> list[tuple[int, int, 
             for trial_id, number, marked, fixed in rows]
 
 
+def running_brief(engine, study_id: int, user_key: str, system_key: str) -> list[tuple]:
+    """(trial id, number, start as local time, user attribute ``user_key``, system attribute
+    ``system_key``; None where missing) of the study's RUNNING trials, in one query."""
+    import json
+
+    from sqlalchemy import and_, select
+
+    trials, user, system = _trial_tables()
+    joined = trials.outerjoin(
+        user, and_(user.c.trial_id == trials.c.trial_id, user.c.key == user_key)
+    ).outerjoin(
+        system, and_(system.c.trial_id == trials.c.trial_id, system.c.key == system_key)
+    )
+    query = select(trials.c.trial_id, trials.c.number, trials.c.datetime_start,
+                   user.c.value_json, system.c.value_json).select_from(joined) \
+        .where(trials.c.study_id == study_id, trials.c.state == TrialState.RUNNING)
+    with engine.connect() as connection:
+        rows = connection.execute(query).all()
+    return [(trial_id, number, _local(start), json.loads(u) if u is not None else None,
+             json.loads(b) if b is not None else None)
+            for trial_id, number, start, u, b in rows]
+
+
+def running_trial(trial_id: int, number: int, start, user_attrs: dict,
+                  system_attrs: dict) -> FrozenTrial:
+    """A RUNNING trial as far as :func:`running_brief` read it (no parameters, no values)."""
+    return FrozenTrial(
+        number=number, state=TrialState.RUNNING, value=None, datetime_start=start,
+        datetime_complete=None, params={}, distributions={}, user_attrs=user_attrs,
+        system_attrs=system_attrs, intermediate_values={}, trial_id=trial_id,
+    )
+
+
+def _local(moment):
+    """A time Optuna stored (naive UTC) as Optuna shows it (naive local time)."""
+    return moment and moment.replace(tzinfo=UTC).astimezone().replace(tzinfo=None)
+
+
 def state_counts(engine, study_id: int) -> dict[TrialState, int]:
     """How many trials of the study are in each state, counted by the database."""
     from sqlalchemy import func, select
@@ -318,9 +356,6 @@ def _read_trial(connection, trial_id: int) -> FrozenTrial:
         raise KeyError(f"no trial with id {trial_id}")
     [(number, state, start, complete)] = found
 
-    def local(moment):  # stored as naive UTC, shown as naive local time (as Optuna does)
-        return moment and moment.replace(tzinfo=UTC).astimezone().replace(tzinfo=None)
-
     params = sorted(rows(models.TrialParamModel, "param_id", "param_name", "param_value",
                          "distribution_json"))
     dists = {name: distributions.json_to_distribution(dist) for _, name, _, dist in params}
@@ -329,7 +364,7 @@ def _read_trial(connection, trial_id: int) -> FrozenTrial:
         number=number, state=state, value=None,
         values=[models.TrialValueModel.stored_repr_to_value(v, kind) for _, v, kind in values]
         or None,
-        datetime_start=local(start), datetime_complete=local(complete),
+        datetime_start=_local(start), datetime_complete=_local(complete),
         params={name: dists[name].to_external_repr(value) for _, name, value, _ in params},
         distributions=dists,
         user_attrs={k: json.loads(v) for k, v in
@@ -374,13 +409,15 @@ def claim_waiting(database, trial_id: int, user_attrs: dict[str, Any]) -> Frozen
     return trial if mine else None
 
 
-def set_trial_user_attrs(database, trial_id: int, attrs: dict[str, Any]) -> None:
-    """``set_trial_user_attr`` of each of ``attrs``, in one transaction of ``database``:
-    UpdateFinishedTrialError if the trial has finished, KeyError if there is none."""
+def set_trial_user_attrs(database, trial_id: int, attrs: dict[str, Any],
+                         system: bool = False) -> None:
+    """``set_trial_user_attr`` (``system``: ``set_trial_system_attr``) of each of ``attrs``,
+    in one transaction of ``database``: UpdateFinishedTrialError if the trial has finished,
+    KeyError if there is none."""
     from optuna.exceptions import UpdateFinishedTrialError
     from sqlalchemy import select
 
-    trials = _trial_tables()[0]
+    trials, user, system_table = _trial_tables()
     with database.engine.begin() as connection:
         found = connection.execute(
             select(trials.c.number, trials.c.state).where(trials.c.trial_id == trial_id)
@@ -390,4 +427,4 @@ def set_trial_user_attrs(database, trial_id: int, attrs: dict[str, Any]) -> None
         if found.state.is_finished():
             raise UpdateFinishedTrialError(
                 f"Trial#{found.number} has already finished and can not be updated.")
-        _upsert_user_attrs(connection, trial_id, attrs)
+        _upsert_attrs(connection, system_table if system else user, "trial_id", trial_id, attrs)

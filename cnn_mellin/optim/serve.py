@@ -36,6 +36,7 @@ import tempfile
 import threading
 from collections.abc import Callable, Container
 from concurrent.futures import ThreadPoolExecutor
+from datetime import datetime
 from pathlib import Path
 
 import grpc
@@ -129,6 +130,11 @@ def _own_service(backend: BaseStorage) -> grpc.GenericRpcHandler:
     def state_counts(request: dict, _context) -> dict:
         return {state.name: n for state, n in database.state_counts(request["study_id"]).items()}
 
+    def running_brief(request: dict, _context) -> list:
+        return [[trial_id, number, start and start.isoformat(), user, system]
+                for trial_id, number, start, user, system in database.running_brief(
+                    request["study_id"], request["user_key"], request["system_key"])]
+
     def claim_waiting(request: dict, context) -> list[FrozenTrial]:
         try:
             trial = database.claim_waiting(request["trial_id"], request["user_attrs"])
@@ -153,6 +159,7 @@ def _own_service(backend: BaseStorage) -> grpc.GenericRpcHandler:
         "TrialsInStates": method(trials_in_states, internals.trials_to_bytes),
         "WaitingBrief": method(waiting_brief),
         "StateCounts": method(state_counts),
+        "RunningBrief": method(running_brief),
         "ClaimWaiting": method(claim_waiting, internals.trials_to_bytes),
         "SetTrialUserAttrs": method(set_trial_user_attrs),
     })
@@ -174,6 +181,7 @@ class ProxyStorage(GrpcStorageProxy):
                                       response_deserializer=decode)
             for name, decode in (("TrialsInStates", internals.trials_from_bytes),
                                  ("WaitingBrief", json.loads), ("StateCounts", json.loads),
+                                 ("RunningBrief", json.loads),
                                  ("ClaimWaiting", internals.trials_from_bytes),
                                  ("SetTrialUserAttrs", json.loads))
         }
@@ -220,6 +228,17 @@ class ProxyStorage(GrpcStorageProxy):
                      bool(internals.fixed_params(t)))
                     for t in self.trials_in_states(study_id, (TrialState.WAITING,))]
         return [tuple(row) for row in rows]
+
+    def running_brief(self, study_id: int, user_key: str, system_key: str) -> list[tuple]:
+        """See :meth:`cnn_mellin.optim.storage.StudyDatabase.running_brief`."""
+        rows = self._ask("RunningBrief", {"study_id": study_id, "user_key": user_key,
+                                          "system_key": system_key})
+        if rows is None:
+            return [(internals.trial_id(t), t.number, t.datetime_start,
+                     t.user_attrs.get(user_key), t.system_attrs.get(system_key))
+                    for t in self.trials_in_states(study_id, (TrialState.RUNNING,))]
+        return [(trial_id, number, start and datetime.fromisoformat(start), user, system)
+                for trial_id, number, start, user, system in rows]
 
     def claim_waiting(self, trial_id: int, user_attrs: dict) -> FrozenTrial | None:
         """See :meth:`cnn_mellin.optim.storage.StudyDatabase.claim_waiting`."""

@@ -338,6 +338,11 @@ class StudyDatabase(optuna.storages.RDBStorage):
         """Trials of the study per state."""
         return internals.state_counts(self.engine, study_id)
 
+    def running_brief(self, study_id: int, user_key: str, system_key: str) -> list[tuple]:
+        """(trial id, number, start, user attribute ``user_key``, system attribute
+        ``system_key``) of the study's RUNNING trials: what the dead-worker check reads."""
+        return internals.running_brief(self.engine, study_id, user_key, system_key)
+
     def claim_waiting(self, trial_id: int, user_attrs: dict):
         """WAITING → RUNNING with ``user_attrs``, in one transaction; the trial, or None if
         it was not WAITING (see :func:`cnn_mellin.optim.internals.claim_waiting`)."""
@@ -359,6 +364,9 @@ class StudyDatabase(optuna.storages.RDBStorage):
             raise UpdateFinishedTrialError(
                 f"Trial#{internals.trial_number_here(self, trial_id)} has already finished "
                 "and can not be updated.")
+
+    def set_trial_system_attr(self, trial_id: int, key: str, value) -> None:
+        internals.set_trial_user_attrs(self, trial_id, {key: value}, system=True)
 
     def get_study_system_attrs(self, study_id: int) -> dict:
         return internals.study_system_attrs_of(self.engine, study_id)
