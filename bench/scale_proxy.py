@@ -6,7 +6,8 @@ run's budget), a study of W x ``--trials-per-worker`` trials of a sleeping task,
 simulated workers: the real ``optim run`` loop (``Worker``: claims, heartbeats, reaper,
 reconciler, standby, tell), a few processes each running many workers in threads, each
 worker with its own storage (connection pool, or gRPC channel) and its own identity (as if
-on its own host), the trial a sleep of ``--trial-s`` seconds (+-25 %, two epochs reported).
+on its own host), the trial a sleep (+-25 %, two epochs reported) of W / ``--rate`` seconds
+(every W is offered the same throughput, 8 trials/s by default; ``--trial-s`` fixes it).
 Stores: ``postgresql``, ``mariadb`` (the workers connect to the server), ``proxy``
 (``optim serve`` in front of PostgreSQL, the workers on ``grpc://``), ``proxy-mariadb``.
 
@@ -24,7 +25,8 @@ limits (100 and 151) nor starve their other users, and their CPU is this benchma
 connections than the server allows.
 
     nice -n 10 .venv/bin/python bench/scale_proxy.py [--stores postgresql mariadb proxy]
-        [--workers 8 32 128 256] [--history 0 10000] [--trial-s 20] [--trials-per-worker 2]
+        [--workers 8 32 128 256] [--history 0 10000] [--rate 8 | --trial-s S]
+        [--trials-per-worker 2]
         [--processes 8] [--servers private|shared] [--out FILE.jsonl]
 
 Prints one JSON line per run and a table at the end; exits 1 if a budget was not exact.
@@ -375,12 +377,14 @@ def run_one(servers: Servers, store: str, workers: int, history: int, args) -> d
     kind = "mariadb" if store.endswith("mariadb") else "postgresql"
     proxied = store.startswith("proxy")
     result = {"store": store, "workers": workers, "history": history,
-              "trial_s": args.trial_s, "servers": servers.mode}
+              "servers": servers.mode}
     if not proxied and workers + 10 > servers.max_connections(kind):
         result["skipped"] = (f"{workers} workers need at least as many connections; the "
                              f"server allows {servers.max_connections(kind)}")
         return result
     budget = workers * args.trials_per_worker
+    trial_s = args.trial_s if args.trial_s is not None else workers / args.rate
+    result["trial_s"] = trial_s
     tmp = Path(tempfile.mkdtemp(prefix="scale-proxy-"))
     db_url, name = servers.create(kind)
     proxy = None
@@ -396,7 +400,7 @@ def run_one(servers: Servers, store: str, workers: int, history: int, args) -> d
         results = context.Queue()
         firsts = [sum(share[:i]) for i in range(processes)]
         clients = [context.Process(target=_client, args=(url, first, n, barrier, results,
-                                                         args.trial_s))
+                                                         trial_s))
                    for first, n in zip(firsts, share, strict=True)]
         for client in clients:
             client.start()
@@ -472,17 +476,18 @@ def _check(db_url: str, budget: int, history: int, got: list[dict]) -> dict:
 
 
 def _table(results: list[dict]) -> str:
-    lines = ["| store | W | history | trials/s | claim p50 / p95 / max (ms) | peak DB "
-             "connections | CPU ms per trial: DB / proxy / workers | budget |",
-             "| --- | --- | --- | --- | --- | --- | --- | --- |"]
+    lines = ["| store | W | history | trial (s) | trials/s | claim p50 / p95 / max (ms) | peak "
+             "DB connections | CPU ms per trial: DB / proxy / workers | budget |",
+             "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
     for r in results:
         if "skipped" in r:
-            lines.append(f"| {r['store']} | {r['workers']} | {r['history']} | skipped: "
+            lines.append(f"| {r['store']} | {r['workers']} | {r['history']} | | skipped: "
                          f"{r['skipped']} | | | | |")
             continue
         proxy = r.get("proxy_cpu_ms_per_trial", "-")
         lines.append(
-            f"| {r['store']} | {r['workers']} | {r['history']} | {r['trials_per_s']} | "
+            f"| {r['store']} | {r['workers']} | {r['history']} | {r['trial_s']:g} | "
+            f"{r['trials_per_s']} | "
             f"{r['claim_ms_p50']} / {r['claim_ms_p95']} / {r['claim_ms_max']} | "
             f"{r['peak_connections']} | {r['db_cpu_ms_per_trial']} / {proxy} / "
             f"{r['workers_cpu_ms_per_trial']} | "
@@ -497,7 +502,11 @@ def main() -> None:
                         choices=["postgresql", "mariadb", "proxy", "proxy-mariadb"])
     parser.add_argument("--workers", nargs="+", type=int, default=[8, 32, 128, 256])
     parser.add_argument("--history", nargs="+", type=int, default=[0, 10_000])
-    parser.add_argument("--trial-s", type=float, default=20.0)
+    parser.add_argument("--rate", type=float, default=8.0,
+                        help="trials per second offered: each trial sleeps W / RATE seconds, "
+                        "so that every W asks the store for the same throughput (default 8)")
+    parser.add_argument("--trial-s", type=float, default=None,
+                        help="a fixed trial length instead of --rate")
     parser.add_argument("--trials-per-worker", type=int, default=2)
     parser.add_argument("--processes", type=int, default=8)
     parser.add_argument("--servers", choices=["private", "shared"], default="private")

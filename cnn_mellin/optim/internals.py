@@ -389,7 +389,7 @@ def claim_waiting(database, trial_id: int, user_attrs: dict[str, Any]) -> Frozen
     """
     from datetime import datetime
 
-    from sqlalchemy import update
+    from sqlalchemy import select, update
 
     trials = _trial_tables()[0]
     with database.engine.begin() as connection:
@@ -400,12 +400,17 @@ def claim_waiting(database, trial_id: int, user_attrs: dict[str, Any]) -> Frozen
                     datetime_start=datetime.now(UTC).replace(tzinfo=None))).rowcount
         if moved:
             _upsert_user_attrs(connection, trial_id, user_attrs)
+            return _read_trial(connection, trial_id)
+        # taken by another worker (the common miss: read no more than needed), or the same
+        # claim again, whose commit went through and whose answer was lost: still ours
+        state = connection.execute(select(trials.c.state)
+                                   .where(trials.c.trial_id == trial_id)).scalar_one_or_none()
+        if state is None:
+            raise KeyError(f"no trial with id {trial_id}")
+        if state != TrialState.RUNNING or not user_attrs:
+            return None
         trial = _read_trial(connection, trial_id)
-    if moved:
-        return trial
-    # the same claim again (its commit went through, its answer was lost): still ours
-    mine = trial.state == TrialState.RUNNING and user_attrs and all(
-        trial.user_attrs.get(k) == v for k, v in user_attrs.items())
+    mine = all(trial.user_attrs.get(k) == v for k, v in user_attrs.items())
     return trial if mine else None
 
 
