@@ -7,12 +7,13 @@ simulated workers: the real ``optim run`` loop (``Worker``: claims, heartbeats, 
 reconciler, standby, tell), a few processes each running many workers in threads, each
 worker with its own storage (connection pool, or gRPC channel) and its own identity (as if
 on its own host), the trial a sleep (+-25 %, two epochs reported) of W / ``--rate`` seconds
-(every W is offered the same throughput, 8 trials/s by default; ``--trial-s`` fixes it).
+(every W is offered the same throughput, 2 trials/s by default; ``--trial-s`` fixes it).
 Stores: ``postgresql``, ``mariadb`` (the workers connect to the server), ``proxy``
 (``optim serve`` in front of PostgreSQL, the workers on ``grpc://``), ``proxy-mariadb``.
 
 Measured per run: trials per second over the run; claim latency (a successful
-``SlotClaimer.claim``) p50 / p95 / max; peak connections to the database (sampled every
+``SlotClaimer.claim``) p50 / p95 / max, and without each worker's first claim (all
+workers start at once); peak connections to the database (sampled every
 0.25 s); CPU seconds of the database server, of the proxy and of the simulated workers per
 trial; and the budget at the end: exactly W x trials-per-worker (+ history) COMPLETE or
 PRUNED, nothing WAITING or RUNNING, no trial number run twice.
@@ -25,7 +26,7 @@ limits (100 and 151) nor starve their other users, and their CPU is this benchma
 connections than the server allows.
 
     nice -n 10 .venv/bin/python bench/scale_proxy.py [--stores postgresql mariadb proxy]
-        [--workers 8 32 128 256] [--history 0 10000] [--rate 8 | --trial-s S]
+        [--workers 8 32 128 256] [--history 0 10000] [--rate 2 | --trial-s S]
         [--trials-per-worker 2]
         [--processes 8] [--servers private|shared] [--out FILE.jsonl]
 
@@ -310,7 +311,8 @@ def _client(url: str, first: int, count: int, barrier, results, trial_s: float) 
                                         real.boot, real.pidns, device)
 
     heartbeat.WorkerIdentity.current = classmethod(identity)
-    claims: list[tuple[float, float, bool]] = []  # (start, seconds, got a trial)
+    claims: list[tuple[float, float, bool, bool]] = []  # (start, s, got one, worker's first)
+    first_done: set[int] = set()
     claims_lock = threading.Lock()
     original = budget.SlotClaimer.claim
 
@@ -318,7 +320,10 @@ def _client(url: str, first: int, count: int, barrier, results, trial_s: float) 
         began = time.perf_counter()
         trial = original(self)
         with claims_lock:
-            claims.append((began, time.perf_counter() - began, trial is not None))
+            first = trial is not None and id(self) not in first_done
+            if first:
+                first_done.add(id(self))
+            claims.append((began, time.perf_counter() - began, trial is not None, first))
         return trial
 
     budget.SlotClaimer.claim = timed
@@ -348,7 +353,7 @@ def _client(url: str, first: int, count: int, barrier, results, trial_s: float) 
     from scale_proxy import _RUNS as runs  # the task's module (this one runs as __mp_main__)
 
     results.put({
-        "claims": [(b - t0, s, got) for b, s, got in claims],
+        "claims": [(b - t0, s, got, first) for b, s, got, first in claims],
         "runs": list(runs), "codes": codes, "errors": errors[:5],
         "cpu_s": usage.ru_utime + usage.ru_stime - cpu0,
         "max_rss_mb": usage.ru_maxrss / 1024,
@@ -437,19 +442,22 @@ def run_one(servers: Servers, store: str, workers: int, history: int, args) -> d
 
 def _figures(got: list[dict], wall: float, budget: int) -> dict:
     claims = [c for g in got for c in g["claims"]]
-    taken = sorted(s for _, s, ok in claims if ok)
+    taken = sorted(s for _, s, ok, _ in claims if ok)
+    later = sorted(s for _, s, ok, first in claims if ok and not first)
     runs = [n for g in got for n in g["runs"]]
 
-    def pct(q):
-        return round(1000 * taken[min(len(taken) - 1, int(q * len(taken)))], 1) if taken \
-            else None
+    def pct(q, values=taken):
+        return round(1000 * values[min(len(values) - 1, int(q * len(values)))], 1) \
+            if values else None
 
     return {
         "wall_s": round(wall, 1), "trials_run": len(runs),
         "trials_per_s": round(len(runs) / wall, 2),
         "claims": len(taken), "claim_ms_p50": pct(0.5), "claim_ms_p95": pct(0.95),
         "claim_ms_max": round(1000 * taken[-1], 1) if taken else None,
-        "empty_claims": sum(1 for _, _, ok in claims if not ok),
+        # without each worker's first claim: all of them start at once
+        "later_claim_ms_p50": pct(0.5, later), "later_claim_ms_p95": pct(0.95, later),
+        "empty_claims": sum(1 for _, _, ok, _ in claims if not ok),
         "workers_cpu_ms_per_trial": round(1000 * sum(g["cpu_s"] for g in got)
                                           / max(len(runs), 1), 1),
         "client_rss_mb": round(max(g["max_rss_mb"] for g in got)),
@@ -476,19 +484,21 @@ def _check(db_url: str, budget: int, history: int, got: list[dict]) -> dict:
 
 
 def _table(results: list[dict]) -> str:
-    lines = ["| store | W | history | trial (s) | trials/s | claim p50 / p95 / max (ms) | peak "
-             "DB connections | CPU ms per trial: DB / proxy / workers | budget |",
-             "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+    lines = ["| store | W | history | trial (s) | trials/s | claim p50 / p95 / max (ms) | "
+             "later claims p50 / p95 (ms) | peak DB connections | CPU ms per trial: DB / proxy "
+             "/ workers | budget |",
+             "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
     for r in results:
         if "skipped" in r:
             lines.append(f"| {r['store']} | {r['workers']} | {r['history']} | | skipped: "
-                         f"{r['skipped']} | | | | |")
+                         f"{r['skipped']} | | | | | |")
             continue
         proxy = r.get("proxy_cpu_ms_per_trial", "-")
         lines.append(
             f"| {r['store']} | {r['workers']} | {r['history']} | {r['trial_s']:g} | "
             f"{r['trials_per_s']} | "
             f"{r['claim_ms_p50']} / {r['claim_ms_p95']} / {r['claim_ms_max']} | "
+            f"{r['later_claim_ms_p50']} / {r['later_claim_ms_p95']} | "
             f"{r['peak_connections']} | {r['db_cpu_ms_per_trial']} / {proxy} / "
             f"{r['workers_cpu_ms_per_trial']} | "
             f"{'exact' if r['exact_budget'] else 'NOT EXACT'} ({r['complete_pruned']}, "
@@ -502,9 +512,9 @@ def main() -> None:
                         choices=["postgresql", "mariadb", "proxy", "proxy-mariadb"])
     parser.add_argument("--workers", nargs="+", type=int, default=[8, 32, 128, 256])
     parser.add_argument("--history", nargs="+", type=int, default=[0, 10_000])
-    parser.add_argument("--rate", type=float, default=8.0,
+    parser.add_argument("--rate", type=float, default=2.0,
                         help="trials per second offered: each trial sleeps W / RATE seconds, "
-                        "so that every W asks the store for the same throughput (default 8)")
+                        "so that every W asks the store for the same throughput (default 2)")
     parser.add_argument("--trial-s", type=float, default=None,
                         help="a fixed trial length instead of --rate")
     parser.add_argument("--trials-per-worker", type=int, default=2)
