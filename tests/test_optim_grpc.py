@@ -79,6 +79,26 @@ def test_serve_needs_a_postgresql_or_mysql_database(cli, tmp_path, url):
     assert "serve fronts a PostgreSQL or MySQL/MariaDB database" in err
 
 
+def test_serve_on_a_port_in_use_is_a_one_line_error_and_creates_nothing(cli):
+    import socket
+
+    from tests.optim_helpers import _pg_admin
+
+    name = f"cm_test_{uuid.uuid4().hex[:12]}"
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        code, _, err = cli("optim", f"postgresql+psycopg2://postgres@127.0.0.1:5432/{name}",
+                           "serve", "--host", "127.0.0.1", "--port", str(port))
+    assert code == 2 and f"cannot listen on 127.0.0.1:{port}" in err
+    conn = _pg_admin()
+    with conn.cursor() as cur:
+        cur.execute("select count(*) from pg_database where datname = %s", (name,))
+        assert cur.fetchone()[0] == 0
+    conn.close()
+
+
 @pytest.fixture(params=["postgresql", "mariadb", "sqlite"])
 def database(request, tmp_path):
     """A fresh SQL database URL of each kind."""

@@ -307,17 +307,11 @@ def start(
         raise StorageError(f"--threads must be at least 1, got {threads}")
     if not 0 <= port <= 65535:
         raise StorageError(f"--port must be 0 to 65535, got {port}")
-    created = ensure_database(db_url)
-    if created:
-        _log.info("created database %s (%s)", created, spec.display)
-    storage = open_storage(db_url, create=True, connections=threads)
     server = grpc.server(
         ThreadPoolExecutor(max_workers=threads, thread_name_prefix="cnn-mellin-proxy"),
         interceptors=[_DatabaseLost()], options=_OPTIONS,
     )
-    internals.add_proxy_service(server, _Backend(storage))
-    server.add_generic_rpc_handlers((_own_service(storage),))
-    try:
+    try:  # first: a port in use must not leave a database created for nothing
         bound = server.add_insecure_port(f"{host}:{port}")
     except RuntimeError as err:
         bound = 0
@@ -326,6 +320,12 @@ def start(
         reason = ""
     if not bound:
         raise StorageError(f"cannot listen on {host}:{port}{reason or ' (in use?)'}")
+    created = ensure_database(db_url)
+    if created:
+        _log.info("created database %s (%s)", created, spec.display)
+    storage = open_storage(db_url, create=True, connections=threads)
+    internals.add_proxy_service(server, _Backend(storage))
+    server.add_generic_rpc_handlers((_own_service(storage),))
     server.start()
     return Proxy(server, advertised(host, bound), storage)
 
