@@ -141,14 +141,16 @@ def test_a_trial_over_max_trial_seconds_is_pruned_at_its_next_epoch(tmp_path):
     def study(name, seconds):
         settings = build_settings(
             Config({"training.num_epochs": EPOCHS}), tmp_path / "data",
-            task=f"{__name__}:SlowTask", whitelist=["training.learning_rate"], num_trials=2,
+            task=f"{__name__}:SlowTask", whitelist=["training.learning_rate"], num_trials=3,
             pruner="none", checkpoint_dir=tmp_path / name, max_trial_seconds=seconds,
         )
         init_study(url, name, settings)
         assert run_worker(url, name).exit_code == 0
         return load(url, name).get_trials()
 
-    for t in study("limited", 0.5):  # 9 epochs of 0.15 s: over the limit after the 4th
+    base, *drawn = study("limited", 0.5)  # 9 epochs of 0.15 s: over the limit after the 4th
+    assert base.state == TrialState.COMPLETE  # the base is the baseline: never cut short
+    for t in drawn:
         assert t.state == TrialState.PRUNED and t.user_attrs[PRUNE_KIND] == "timeout"
         assert 3 <= len(t.intermediate_values) <= 5
     assert all(t.state == TrialState.COMPLETE for t in study("ample", 60.0))
