@@ -6,8 +6,15 @@ seed, then ranks each seed's first ``n`` completed trials (by number) with the s
 seeded fANOVA, for several ``n``. Prints, per ``n``: the mean pairwise Spearman correlation
 of the seeds' importance vectors, and how often two seeds' top 3 hold the same parameters.
 
+With ``--pooled`` the groups compared are not the seeds but disjoint runs of ``n`` drawn
+trials taken from all seeds' trials together (each seed's base trial left out). A random
+sampler's draws are independent and identically distributed, so such a group is a sm stage
+of ``n`` random trials as much as a seed's first ``n`` are, and a pool of P trials gives
+P // n groups to compare instead of one per seed: what a larger ``n`` needs.
+
     .venv/bin/python bench/importance_stability.py DATA_DIR [--seeds 5] [--trials 16] \
-        [--utterances 200] [--epochs 6] [--out bench/results/importance_stability.csv]
+        [--utterances 200] [--epochs 6] [--pooled] \
+        [--out bench/results/importance_stability.csv]
 """
 
 from __future__ import annotations
@@ -62,6 +69,19 @@ def _importance(trials, searched: list[str]) -> dict[str, float]:
         study, evaluator=make_evaluator("fanova"), params=names))
 
 
+def _groups(by_seed: dict, n: int, pooled: bool) -> dict:
+    """Groups of ``n`` completed trials to rank: each seed's first ``n``, or disjoint runs
+    of ``n`` drawn (not enqueued) trials from all seeds together."""
+    if not pooled:
+        return {seed: (trials[:n], searched) for seed, (trials, searched) in by_seed.items()
+                if len(trials) >= n}
+    from cnn_mellin.optim.internals import fixed_params
+
+    searched = next(iter(by_seed.values()))[1]
+    drawn = [t for seed in sorted(by_seed) for t in by_seed[seed][0] if not fixed_params(t)]
+    return {i: (drawn[i * n:(i + 1) * n], searched) for i in range(len(drawn) // n)}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("data_dir")
@@ -72,6 +92,8 @@ def main() -> None:
     parser.add_argument("--mem-limit", type=int, default=300_000_000)
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--counts", type=int, nargs="+", default=[4, 6, 8, 10, 12, 14, 16])
+    parser.add_argument("--pooled", action="store_true",
+                        help="compare disjoint groups of n drawn trials from all seeds")
     parser.add_argument("--db", default=None, help="journal file (default: a temporary one; "
                         "give one to resume or re-rank)")
     parser.add_argument("--out", default=str(ROOT / "bench/results/importance_stability.csv"))
@@ -99,9 +121,8 @@ def main() -> None:
     rows = []
     for n in args.counts:
         vectors = {}
-        for seed, (trials, searched) in by_seed.items():
-            if len(trials) >= n:
-                vectors[seed] = _importance(trials[:n], searched)
+        for group, (trials, searched) in _groups(by_seed, n, args.pooled).items():
+            vectors[group] = _importance(trials, searched)
         pairs = list(itertools.combinations(sorted(vectors), 2))
         if not pairs:
             continue
@@ -113,7 +134,8 @@ def main() -> None:
         overlap = [len(set(sorted(vectors[a], key=lambda k: -vectors[a][k])[:3]) &
                        set(sorted(vectors[b], key=lambda k: -vectors[b][k])[:3])) / 3
                    for a, b in pairs]
-        rows.append({"completed_trials": n, "seeds": len(vectors),
+        rows.append({"completed_trials": n, "groups": len(vectors),
+                     "grouping": "pooled" if args.pooled else "seeds",
                      "mean_spearman": round(statistics.mean(rho), 3),
                      "top3_same": round(statistics.mean(top3), 3),
                      "top3_overlap": round(statistics.mean(overlap), 3)})

@@ -8,9 +8,12 @@ same wall time on the same machine.
    and dev split, with one worker using every CPU, for W seconds (then the worker is
    stopped); its result is the best dev PER of the epochs it finished.
 
-Prints both and appends a row to ``bench/results/main_job_vs_base.csv``.
+Prints both and appends a row to ``bench/results/main_job_vs_base.csv``. ``--main-exp EXP
+--main-wall-s W`` skips step 1 and compares with a main job already run, timed by hand
+(``time bash scripts/staged_search.sh`` with ``EXP``): its studies are read from ``EXP``.
 
     .venv/bin/python bench/main_job_vs_base.py [--budget-minutes 15] [--exp DIR]
+        [--main-exp EXP --main-wall-s W]
 """
 
 from __future__ import annotations
@@ -45,7 +48,11 @@ def main_job(exp: Path, budget_minutes: int, data: Path) -> dict:
     start = time.monotonic()
     subprocess.run(["bash", "scripts/staged_search.sh"], check=True, cwd=ROOT, env=env,
                    stdout=subprocess.DEVNULL)
-    wall = time.monotonic() - start
+    return main_job_result(exp, time.monotonic() - start)
+
+
+def main_job_result(exp: Path, wall: float) -> dict:
+    """The figures of a main job that ran in ``exp`` for ``wall`` seconds."""
     db = str(exp / "optim" / "studies.journal")
     sm, lg = _status(db, SM), _status(db, LG)
     return {"wall_s": round(wall), "final_best": lg["best"]["value"], "sm": sm, "lg": lg}
@@ -85,12 +92,19 @@ def main() -> None:
     parser.add_argument("--exp", default="exp/bench-main-job")
     parser.add_argument("--data", default="data/synth-short")
     parser.add_argument("--out", default=str(ROOT / "bench/results/main_job_vs_base.csv"))
+    parser.add_argument("--main-exp", type=Path, help="a main job's EXP, already run")
+    parser.add_argument("--main-wall-s", type=float, help="its wall seconds")
     args = parser.parse_args()
+    if (args.main_exp is None) != (args.main_wall_s is None):
+        parser.error("--main-exp and --main-wall-s go together")
     exp, data = (ROOT / args.exp).resolve(), (ROOT / args.data).resolve()
     if exp.exists():
         raise SystemExit(f"{exp} exists: give a fresh --exp")
     exp.mkdir(parents=True)
-    job = main_job(exp / "main", args.budget_minutes, data)
+    if args.main_exp is not None:
+        job = main_job_result(args.main_exp.resolve(), args.main_wall_s)
+    else:
+        job = main_job(exp / "main", args.budget_minutes, data)
     base = base_alone(exp, data, job["wall_s"])
     row = {
         "date": datetime.date.today().isoformat(), "budget_min": args.budget_minutes,

@@ -240,3 +240,43 @@ def test_loader_workers_are_capped_to_the_allocation_with_one_warning(store, mon
     assert make_loader(dataset, 5, num_workers=0).num_workers == 0
     monkeypatch.setenv("SLURM_CPUS_PER_TASK", "64")  # never more than the affinity allows
     assert loader.allowed_workers() == len(os.sched_getaffinity(0))
+
+
+def test_a_connection_reset_by_a_dying_loader_worker_is_raised_as_its_death():
+    """Torch names a dead worker only if it is already reaped when a batch's tensors cannot
+    be fetched from it; one still dying (seen on a fast CI machine) surfaced as a bare
+    ConnectionResetError, which a stop did not recognise. It is waited for and named."""
+    from cnn_mellin.data.loader import _dead_workers_named, is_loader_failure
+
+    class Dying:
+        pid, dead = 4242, False
+
+        def join(self, timeout=None):
+            self.dead = True  # it exits within the wait
+
+        def is_alive(self):
+            return not self.dead
+
+    class Batches:
+        _workers = [Dying()]
+        sent = 0
+
+        def __next__(self):
+            self.sent += 1
+            if self.sent > 1:
+                raise ConnectionResetError(104, "Connection reset by peer")
+            return "batch"
+
+    seen = []
+    with pytest.raises(RuntimeError) as failure:
+        for batch in _dead_workers_named(Batches()):
+            seen.append(batch)
+    assert seen == ["batch"] and is_loader_failure(failure.value), failure.value
+    assert "4242" in str(failure.value)
+
+    class AliveBatches(Batches):
+        _workers = [type("Alive", (), {"pid": 1, "join": lambda self, timeout=None: None,
+                                       "is_alive": lambda self: True})()]
+
+    with pytest.raises(ConnectionResetError):  # not a loader's death: left as it is
+        list(_dead_workers_named(AliveBatches()))

@@ -125,3 +125,42 @@ def test_important_warns_when_it_ranks_from_too_few_trials(cli, tmp_path):
     assert code == 0 and len(out.split()) == 2  # the names alone on standard output
     assert "few: ranked from 4 completed trials; warning: below 12 a ranking is mostly " \
         "noise" in err
+
+
+def test_stage_from_base_tries_the_base_then_the_best_values_of_the_kept_parameters(
+        cli, tmp_path):
+    from cnn_mellin.optim import internals
+    from cnn_mellin.optim.best import best_trial
+
+    url, root = str(tmp_path / "studies.journal"), tmp_path
+    # a base far from the fake task's optimum (learning rate 1e-3): a draw beats it
+    fake_study(url, tmp_path, name="sm", num_trials=10, whitelist=SEARCH,
+               base={"model.window_stride": 1, "training.learning_rate": 0.05})
+    assert run_worker(url, "sm", seed=3).exit_code == 0
+    sm = load(url, "sm")
+    base = read_settings(sm).base_config
+    best = best_trial(sm)
+    code, out, err = cli("optim", "--study-name", "md-base", url, "stage", "sm", root / "data",
+                         "--top-k", "2", "--from-base", "--conf-dir", tmp_path / "conf",
+                         *_init_options(root, "md"))
+    assert code == 0 and "not trying" not in err, err
+    kept = (tmp_path / "conf/md-base.params").read_text().split()
+    ini = (tmp_path / "conf/md-base.ini").read_text()
+    assert ini.startswith("# study sm: its base configuration\n")
+    staged = load(url, "md-base")
+    settings = read_settings(staged)
+    for name in SEARCH:  # every value carried is the base's, not the best trial's
+        if name not in kept:
+            assert settings.base_config[name] == base[name], name
+    lineage = staged.user_attrs["lineage"]
+    assert lineage["from"] == "base" and list(lineage["kept"]) == kept
+    first, second, *rest = [internals.fixed_params(t) for t in staged.trials]
+    assert first == {name: base[name] for name in kept}
+    assert second == {name: best.params[name] for name in kept} != first
+    assert best.number != 0 and rest == [{}] * 3  # the sampler's
+    code, out, _ = cli("optim", "--study-name", "md-base", url, "status")
+    assert "stage of sm from its base configuration: searching" in out
+    code, out, err = cli("optim", "--study-name", "x", url, "stage", "sm", root / "data",
+                         "--top-k", "2", "--from-base", "--independent", "--conf-dir",
+                         tmp_path / "no", "--task", FAKE_TASK)
+    assert code == 2 and "not allowed with argument" in err and not (tmp_path / "no").exists()

@@ -235,10 +235,17 @@ def test_a_cancel_that_signals_the_loader_workers_too_hands_the_trial_back(tmp_p
     log = tmp_path / "cancel.log"
     worker = _start(url, "asr", log, session=True,
                     code="import cnn_mellin.data.loader as l; l.allowed_workers = lambda: 2")
-    _until(lambda: (t := _running(url, "asr")) and t.intermediate_values, "an epoch",
-           workers=[(worker, log)])
-    time.sleep(random.Random(23).uniform(0, 1.5))  # somewhere in the next epoch (test_slurm.py
-    os.killpg(worker.pid, signal.SIGTERM)  # cancels ten times at random moments)
+    def epochs():
+        trial = _running(url, "asr")
+        return len(trial.intermediate_values) if trial else 0
+
+    _until(epochs, "an epoch", workers=[(worker, log)])
+    # somewhere in the next epoch (test_slurm.py cancels ten times at random moments), and
+    # never after it: on a fast machine 12 epochs take a second
+    deadline = time.monotonic() + random.Random(23).uniform(0, 1.5)
+    while time.monotonic() < deadline and epochs() < 2:
+        time.sleep(0.01)
+    os.killpg(worker.pid, signal.SIGTERM)
     assert _exit(worker) == 128 + signal.SIGTERM, log.read_text()
     text = log.read_text()
     for bad in ("Traceback", "exited unexpectedly", "killed by signal", "no trials run"):

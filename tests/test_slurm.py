@@ -157,6 +157,13 @@ def test_requeued_job_hands_its_trial_back_and_resumes_it_when_it_runs_again(pg_
     assert retry.user_attrs["worker"]["pid"] != failed.user_attrs["worker"]["pid"]
 
 
+def _sleep_unless(condition, seconds):
+    """Sleep ``seconds``, or less once ``condition()`` holds."""
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline and not condition():
+        time.sleep(0.01)
+
+
 def _cancel_once(environ, url, logs, rng, anywhere):
     """One job of the study "cancel" cancelled by scancel; checks how it ended."""
     job = sbatch(environ, logs, ["--cpus-per-task=2"], _run_args(url, "cancel"))
@@ -164,12 +171,14 @@ def _cancel_once(environ, url, logs, rng, anywhere):
     def text():
         return "".join(p.read_text() for p in logs.glob(f"{job}_*.out"))
 
+    # never later than the end of this attempt's first (anywhere) or second epoch: on a fast
+    # machine an epoch takes 0.1 s, and the trial must outlast the ten cancels
     if anywhere:  # from the start on: imports, claim, admission, loader start, training
         _wait(lambda: queued(environ, job) and text(), 60, "the job to start")
-        time.sleep(rng.uniform(0.5, 6.0))
+        _sleep_unless(lambda: text().count("epoch ") >= 1, rng.uniform(0.5, 6.0))
     else:  # mid-epoch or while the dev set is scored, after an epoch of this attempt
         _wait(lambda: "epoch " in text(), 120, "an epoch")
-        time.sleep(rng.uniform(0.0, 0.6))
+        _sleep_unless(lambda: text().count("epoch ") >= 2, rng.uniform(0.0, 0.6))
     subprocess.run(["scancel", job], env=environ, check=True, timeout=30)
     wait_gone(environ, job, timeout=120)
     [record] = _wait(lambda: list(job_records(environ, job).values()), 30, "its record")
@@ -203,7 +212,7 @@ def test_repeated_scancel_of_an_asr_worker_with_loader_workers_always_hands_back
     environ = slurm_env()
     url = pg_db[0]
     settings = build_settings(
-        tiny_config(num_epochs=16), write_store(tmp_path / "train", 48, seed=0), task="asr",
+        tiny_config(num_epochs=24), write_store(tmp_path / "train", 48, seed=0), task="asr",
         whitelist=SEARCH, num_trials=1, mem_limit_bytes=None, pruner="none",
         checkpoint_dir=tmp_path / "ckpt", task_options={"dev_proportion": 0.25},
         num_data_workers=2, heartbeat_interval=10.0)  # no reaping: each hand-back is its own

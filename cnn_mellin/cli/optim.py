@@ -207,9 +207,16 @@ def _register_stage(actions) -> None:
                        help="keep the K most important parameters")
     which.add_argument("--threshold", type=float, default=None, metavar="X",
                        help="keep those with normalised importance >= X")
-    stage.add_argument("--independent", action="store_true",
+    carry = stage.add_mutually_exclusive_group()
+    carry.add_argument("--independent", action="store_true",
                        help="carry each parameter's value with the lowest median error "
                        "(best --independent) instead of the best trial's")
+    carry.add_argument("--from-base", action="store_true",
+                       help="carry FROM_STUDY's base configuration instead of its best "
+                       "trial's; the new stage tries that base first, then the base with "
+                       "the best trial's values of the kept parameters: for an earlier "
+                       "stage whose trials are long enough to rank parameters but too short "
+                       "to choose a configuration")
     stage.add_argument("--evaluator", choices=EVALUATORS, default="fanova",
                        help="importance evaluator (default fanova)")
     stage.add_argument("--conf-dir", default="exp/conf", metavar="DIR",
@@ -393,6 +400,7 @@ def run_stage(args, config) -> int:
         build=lambda carried, kept: _settings(args, carried, args.study_name, kept, []),
         read_ini=args.read_ini, groups=config_groups(args), top_k=args.top_k,
         threshold=args.threshold, independent=args.independent, evaluator=args.evaluator,
+        from_base=args.from_base, device=args.device or "cpu",
     )
     sys.stdout.write(f"{result.params_path}\n{result.ini_path}\n")
     _report_init(args, args.study_name, result.init.settings, result.init)

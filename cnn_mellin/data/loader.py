@@ -22,6 +22,7 @@ import math
 import numbers
 import os
 import signal
+import time
 from collections.abc import Iterator, Sequence
 from typing import NamedTuple
 
@@ -235,6 +236,39 @@ class _Loader(DataLoader):
             return super()._get_iterator()
         finally:
             signal.pthread_sigmask(signal.SIG_SETMASK, mask)  # a pending stop arrives now
+
+    def __iter__(self):
+        batches = super().__iter__()
+        return _dead_workers_named(batches) if self.num_workers else batches
+
+
+def _dead_workers_named(batches) -> Iterator:
+    """The batches of torch's multi-process iterator ``batches``; a connection error while a
+    batch is fetched, because the worker that shares its tensors died, is raised as torch's
+    own dead-worker RuntimeError (:func:`is_loader_failure`)."""
+    while True:
+        try:
+            batch = next(batches)
+        except StopIteration:
+            return
+        except (OSError, EOFError) as err:
+            dead = _dead_workers(batches)
+            if not dead:
+                raise
+            raise RuntimeError(
+                f"DataLoader worker (pid(s) {', '.join(map(str, dead))}) exited unexpectedly "
+                f"while its batch was read ({type(err).__name__}: {err})") from err
+        yield batch
+
+
+def _dead_workers(batches, wait_s: float = 1.0) -> list[int]:
+    """Pids of the loader workers of ``batches`` that died; one that is dying (its socket
+    closed first) is waited for up to ``wait_s`` in all."""
+    workers = list(getattr(batches, "_workers", ()))
+    deadline = time.monotonic() + wait_s
+    for worker in workers:
+        worker.join(max(0.0, deadline - time.monotonic()))
+    return [w.pid for w in workers if not w.is_alive()]
 
 
 def _no_sigchld_handler() -> None:

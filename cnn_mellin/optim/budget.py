@@ -177,18 +177,19 @@ def set_user_attrs(study: optuna.Study, trial_id: int, attrs: dict) -> None:
 
 
 def create_slots(
-    study: optuna.Study, num_trials: int, first_params: dict | None = None
+    study: optuna.Study, num_trials: int, first_params: Sequence[dict] = ()
 ) -> int:
     """Enqueue WAITING trials until the study has ``num_trials`` trials; returns how many.
 
-    In a study without trials, the first slot gets ``first_params`` (the base
-    configuration's values), so a stage started from an earlier stage's ``.ini`` tries
-    that configuration first.
+    In a study without trials, the first slots get the non-empty ``first_params`` in order
+    (the base configuration's values, then any a stage asked to try next), so a stage
+    started from an earlier stage's ``.ini`` tries that configuration first.
     """
     existing = len(study.get_trials(deepcopy=False))
     missing = max(0, num_trials - existing)
+    fixed = [params for params in first_params if params] if existing == 0 else []
     for i in range(missing):
-        study.enqueue_trial(first_params if i == 0 and existing == 0 and first_params else {})
+        study.enqueue_trial(fixed[i] if i < len(fixed) else {})
     return missing
 
 

@@ -68,6 +68,9 @@ class StudySettings:
     dropped: dict[str, str] = field(default_factory=dict)
     max_trial_seconds: float | None = None
     max_trial_time_ratio: float | None = None
+    # searched values of trials enqueued right after the base (a stage started from its
+    # parent's base: the parent's best values of the kept parameters)
+    also_try: list[dict[str, Any]] = field(default_factory=list)
     version: str = __version__
 
     # fields a repeated init may differ in without conflict
@@ -90,7 +93,7 @@ class StudySettings:
         """Settings read back from a study's user attributes."""
         names = [f.name for f in dataclasses.fields(cls)]
         optional = ("dropped", "version", "max_trial_seconds",  # later fields: defaults
-                    "max_trial_time_ratio")
+                    "max_trial_time_ratio", "also_try")
         missing = [n for n in names if n not in attrs and n not in optional]
         if missing:
             raise UserError(
@@ -322,7 +325,7 @@ def _write(study: optuna.Study, settings: StudySettings) -> None:
     for key, value in settings.to_attrs().items():
         if key not in stored:
             study.set_user_attr(key, value)
-    budget.create_slots(study, settings.num_trials, base_params(settings))
+    budget.create_slots(study, settings.num_trials, [base_params(settings), *settings.also_try])
     # checkpoints live under a folder of this study's own: a study deleted and created again
     # under the same name (as the recipe's "drop database" does) never resumes stale ones
     if UID_KEY not in internals.study_system_attrs(study):

@@ -73,6 +73,7 @@ from cnn_mellin.optim.cpus import allocated_cpus, use_threads
 from cnn_mellin.optim.defaults import DEFAULT_MAX_OUTAGE_S, SAMPLERS
 from cnn_mellin.optim.feasible import Feasibility, FeasibleSampler, NoFeasibleDraw
 from cnn_mellin.optim.heartbeat import Monitor, WorkerIdentity
+from cnn_mellin.optim.pool import PoolLink
 from cnn_mellin.optim.standby import Standby
 from cnn_mellin.optim.storage import (
     DatabaseUnreachable,
@@ -205,6 +206,7 @@ class Worker:
         sampler: str = "random", seed: int | None = None, max_trials: int | None = None,
         max_outage_s: float = DEFAULT_MAX_OUTAGE_S, keep_checkpoints: bool = False,
         data_dir: str | None = None, checkpoint_dir: str | None = None,
+        pool: PoolLink | None = None,
     ):
         if sampler not in SAMPLERS:
             raise ConfigError(f"unknown sampler {sampler!r}; allowed: {', '.join(SAMPLERS)}")
@@ -231,6 +233,7 @@ class Worker:
             _log.info("memory of %s capped at %d bytes (%.3f of it)", device, self.cap_bytes,
                       fraction)
         self.keep_checkpoints = keep_checkpoints
+        self.pool = pool  # the local pool this worker belongs to (optim run --workers N)
         self._uid = uuid.uuid4().hex[:8]  # tells apart workers that reuse a pid
         self._started, self._busy_s = time.monotonic(), 0.0
         self._trial_dir: Path | None = None
@@ -365,6 +368,12 @@ class Worker:
                     if counts.done >= num_trials:
                         break
                     idle = True
+                    if counts.running and self.pool is not None and self.pool.holds_all(
+                            budget.running(self.study), self.identity):
+                        _log.info("nothing left to claim: leaving (the %d running trials are "
+                                  "this pool's, which starts a worker again should one die)",
+                                  counts.running)
+                        break
                     if not self.standby.stay():
                         holder = self.standby.holder
                         _log.info("nothing left to claim: leaving (%s stands by for retries "
@@ -619,6 +628,8 @@ class Worker:
             elapsed = time.monotonic() - running_since
             if not prunable and ratio is not None:
                 base_seconds.record(epoch, elapsed)
+            if self.pool is not None:  # a sibling that left gave its CPUs to this trial
+                self.pool.share_cpus()
             if last_epoch is not None and epoch >= last_epoch:
                 return
             if prunable and time_limit is not None and elapsed > time_limit:
@@ -796,6 +807,7 @@ def run_worker(
     seed: int | None = None, max_trials: int | None = None,
     max_outage_s: float = DEFAULT_MAX_OUTAGE_S, keep_checkpoints: bool = False,
     data_dir: str | None = None, checkpoint_dir: str | None = None,
+    pool: PoolLink | None = None,
 ) -> WorkerSummary:
     """Run one worker in this process; SIGTERM/SIGINT stop it after re-enqueueing its trial.
 
@@ -814,7 +826,7 @@ def run_worker(
         worker = Worker(
             db_url, study_name, device=device, sampler=sampler, seed=seed,
             max_trials=max_trials, max_outage_s=max_outage_s, keep_checkpoints=keep_checkpoints,
-            data_dir=data_dir, checkpoint_dir=checkpoint_dir,
+            data_dir=data_dir, checkpoint_dir=checkpoint_dir, pool=pool,
         )
         done = threading.Event()
         watchdog = None
@@ -848,7 +860,7 @@ def run_worker(
 
 
 def _child(db_url, study_name, device, sampler, seed, max_trials, max_outage_s, verbose,
-           threads, folders) -> None:
+           threads, folders, pool) -> None:
     use_threads(threads)
     logging.basicConfig(
         level=logging.DEBUG if verbose else logging.INFO,
@@ -858,7 +870,7 @@ def _child(db_url, study_name, device, sampler, seed, max_trials, max_outage_s, 
     try:
         summary = run_worker(
             db_url, study_name, device=device, sampler=sampler, seed=seed,
-            max_trials=max_trials, max_outage_s=max_outage_s, **folders,
+            max_trials=max_trials, max_outage_s=max_outage_s, pool=pool, **folders,
         )
     except UserError as err:
         logging.getLogger("cnn_mellin.optim").error("%s", err)
@@ -900,18 +912,25 @@ def run_workers(
     folders = {"keep_checkpoints": keep_checkpoints, "data_dir": data_dir,
                "checkpoint_dir": checkpoint_dir}
     context = multiprocessing.get_context("spawn")
-    # workers share the job's CPUs instead of each taking all of the node's cores
-    threads = max(1, allocated_cpus() // workers)
-    processes = [
-        context.Process(
-            target=_child, name=f"worker-{i}",
+    # workers share the job's CPUs instead of each taking all of the node's cores; those
+    # of a worker that left go to the others (pool.py)
+    cpus = allocated_cpus()
+    threads = max(1, cpus // workers)
+    live = context.Value("i", workers)
+    pool = PoolLink(os.getpid(), cpus, live, elastic="OMP_NUM_THREADS" not in os.environ)
+
+    def start(i: int, dev: str, name: str):
+        process = context.Process(
+            target=_child, name=name,
             args=(db_url, study_name, dev, sampler, seed, max_trials, max_outage_s, verbose,
-                  threads, folders),
+                  threads, folders, pool),
         )
-        for i, dev in enumerate(devices)
-    ]
-    for process in processes:
         process.start()
+        return process
+
+    processes = [start(i, dev, f"worker-{i}") for i, dev in enumerate(devices)]
+    slots = dict(enumerate(processes))  # the process now in each worker slot
+    restarts, max_restarts = 0, workers * (settings.max_retries + 1)
 
     received: list[int] = []
 
@@ -921,7 +940,21 @@ def run_workers(
     previous = {s: signal.signal(s, note) for s in (signal.SIGTERM, signal.SIGINT)}
     try:
         passed = 0
-        while alive := [p for p in processes if p.is_alive()]:
+        while True:
+            # a worker killed (OOM killer, kill -9) while nobody stops the pool is started
+            # again: its trial is retried, and the others may have left (pool.py)
+            for i, process in list(slots.items()):
+                if (process.exitcode is not None and process.exitcode < 0 and not received
+                        and restarts < max_restarts):
+                    restarts += 1
+                    _log.warning("%s was killed (signal %d): starting a worker in its place",
+                                 process.name, -process.exitcode)
+                    slots[i] = start(i, devices[i], f"worker-{i}.{restarts}")
+                    processes.append(slots[i])
+            alive = [p for p in processes if p.is_alive()]
+            live.value = max(1, len(alive))
+            if not alive:
+                break
             # Ctrl-C reaches the children through the process group; SIGTERM (e.g. from
             # SLURM to this process only) is passed on, a second one too
             terms = received.count(signal.SIGTERM)
