@@ -1,4 +1,4 @@
-"""The CTC acoustic model of DESIGN.md §5 and the checks on its configuration.
+"""The CTC acoustic model and the checks on its configuration.
 
 An utterance (T frames x F coefficients) is normalised per coefficient, optionally
 smoothed along time with a Gaussian (``input_smoothing_width``) and dropped out
@@ -18,8 +18,8 @@ past the length are ignored) and backward over a per-sequence reversal (so the
 backward direction starts at the sequence's own last window).
 
 Each layer keeps its input size up to the scheduled shrink factors: output
-size ``ceil(size / factor)``, reached with the ``p`` and ``r`` of the
-correlation (DESIGN.md §5 parametrisation). Along a linear axis that is the usual
+size ``ceil(size / factor)``, reached with the ``p`` and ``r`` of the correlation
+(as :mod:`cnn_mellin.mellin` defines them). Along a linear axis that is the usual
 "same" padding with stride ``factor``. Along a Mellin axis the middle tap
 ``c = (K - 1) // 2`` reads at scale ``factor`` (``p = c``,
 ``d = (factor - 1)(c + 1) + 1``), the other taps at scales

@@ -9,7 +9,9 @@ budget between the two stages:
   of the training utterances sized so that the stage takes about ``--sm-share`` of the
   time (trials run ``--workers`` at a time),
 - lg: ``--lg-trials`` trials on all the utterances, with as many epochs as the rest of
-  the time allows.
+  the time allows. Once the sm stage is done, ``--lg-after`` plans the lg stage again from
+  what its base trial measured (a few synthetic steps misjudge a machine by up to 2x; a
+  real trial's epochs do not), for the time then left.
 
 Prints shell assignments (``sm_utterances=...``) for the job to ``eval``, and the
 measurement on standard error.
@@ -33,7 +35,8 @@ from concurrent.futures import ProcessPoolExecutor
 OVERHEAD = 1.2
 
 
-def _step_seconds(ini: list[str], coeffs: int, frames: int, batch: int, steps: int) -> float:
+def _step_seconds(ini: list[str], coeffs: int, frames: int, batch: int, steps: int,
+                  ready=None) -> float:
     import torch
     import torch.nn.functional as F
 
@@ -47,7 +50,9 @@ def _step_seconds(ini: list[str], coeffs: int, frames: int, batch: int, steps: i
     optimizer = optimizer_from_params(model.parameters(), config.group("training"))
     feats = torch.randn(batch, frames, coeffs)
     times = []
-    for step in range(steps + 1):
+    for step in range(steps + 2):
+        if step == 2 and ready is not None:
+            ready.wait()  # every process timed at once, none while another still imports
         start = time.perf_counter()
         log_probs, lengths = model(feats, None)
         targets = torch.randint(1, 49, (batch, max(1, log_probs.shape[0] // 4)))
@@ -56,19 +61,54 @@ def _step_seconds(ini: list[str], coeffs: int, frames: int, batch: int, steps: i
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
-        if step:  # the first step warms up
+        if step >= 2:  # the first steps warm up
             times.append(time.perf_counter() - start)
     return statistics.median(times)
 
 
 def measure(ini: list[str], coeffs: int, frames: int, batch: int, workers: int,
-            steps: int = 4) -> float:
+            steps: int = 6) -> float:
     """Median seconds of one training step of the base configuration at ``batch`` x
-    ``frames``, with ``workers`` processes stepping at once."""
-    with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn")) as pool:
-        runs = [pool.submit(_step_seconds, ini, coeffs, frames, batch, steps)
+    ``frames``, with ``workers`` processes stepping at once (a first guess: the lg stage is
+    planned again from the sm stage's base trial, :func:`replan_lg`)."""
+    context = multiprocessing.get_context("spawn")
+    with context.Manager() as manager, ProcessPoolExecutor(workers, mp_context=context) as pool:
+        ready = manager.Barrier(workers)
+        runs = [pool.submit(_step_seconds, ini, coeffs, frames, batch, steps, ready)
                 for _ in range(workers)]
         return statistics.mean(run.result() for run in runs)
+
+
+def base_epoch_seconds(db_url: str, study_name: str) -> dict[int, float]:
+    """Seconds the base trial of ``study_name`` took to reach each epoch (since it started)."""
+    from cnn_mellin.optim import internals
+    from cnn_mellin.optim.attrs import BASE_EPOCH_SECONDS
+    from cnn_mellin.optim.storage import load_study, open_storage
+
+    study = load_study(open_storage(db_url), study_name, db_url)
+    known = internals.study_system_attrs(study).get(BASE_EPOCH_SECONDS) or {}
+    return {int(epoch): float(seconds) for epoch, seconds in known.items()}
+
+
+def replan_lg(seconds: dict[int, float], sm_utts: int, train_utts: int, budget_s: float,
+              min_epochs: int, max_epochs: int, min_utts: int) -> tuple[int, int, float]:
+    """``(epochs, utterances, seconds an epoch)`` of the lg stage from the sm base trial's
+    measured ``seconds`` to each epoch on ``sm_utts`` utterances, for ``budget_s`` left.
+
+    An epoch's cost is taken as proportional to the utterances; what a trial spends before
+    its first epoch beyond an epoch's cost (imports, model, loader) is added once."""
+    epochs = sorted(seconds)
+    first, last = epochs[0], epochs[-1]
+    if last == first:
+        per_epoch = seconds[last] / last
+    else:
+        per_epoch = (seconds[last] - seconds[first]) / (last - first)
+    start_s = max(0.0, seconds[first] - first * per_epoch)
+    per_utt = per_epoch / sm_utts
+    room = max(0.0, budget_s - start_s)
+    lg_epochs = max(min_epochs, min(max_epochs, int(room / (per_utt * train_utts))))
+    lg_utts = max(min_utts, min(train_utts, int(room / (lg_epochs * per_utt))))
+    return lg_epochs, lg_utts, per_utt * lg_utts
 
 
 def main() -> None:
@@ -85,6 +125,9 @@ def main() -> None:
     parser.add_argument("--min-lg-epochs", type=int, default=4)
     parser.add_argument("--max-lg-epochs", type=int, default=30)
     parser.add_argument("--dev-proportion", type=float, default=0.1)
+    parser.add_argument("--lg-after", nargs=3, metavar=("DB_URL", "SM_STUDY", "SM_UTTS"),
+                        help="plan only the lg stage again, from the measured epochs of the "
+                        "base trial of SM_STUDY (trained on SM_UTTS utterances)")
     args = parser.parse_args()
 
     from cnn_mellin.config import Config
@@ -94,6 +137,20 @@ def main() -> None:
     config = Config.from_ini(args.read_ini)
     batch = config["data.batch_size"]
     train_utts = int(len(info) * (1 - args.dev_proportion))
+    if args.lg_after:
+        db_url, sm_study, sm_utts = args.lg_after
+        seconds = base_epoch_seconds(db_url, sm_study)
+        if not seconds:
+            sys.exit(f"plan_stages: study {sm_study} has no timed base trial")
+        lg_epochs, lg_utts, epoch_s = replan_lg(seconds, int(sm_utts), train_utts,
+                                                args.budget_s, args.min_lg_epochs,
+                                                args.max_lg_epochs, 4 * batch)
+        print(f"plan: the sm base trial took {max(seconds.values()):.0f} s to epoch "
+              f"{max(seconds)} on {sm_utts} utterances; lg: {args.lg_trials} trials x "
+              f"{lg_epochs} epochs of {lg_utts} utterances (~{epoch_s:.0f} s an epoch, "
+              f"{args.budget_s:.0f} s left)", file=sys.stderr)
+        print(f"lg_epochs={lg_epochs}\nlg_utterances={lg_utts}")
+        return
     frames = int(statistics.mean(info.num_frames))
     step_s = measure(args.read_ini, info.num_coeffs, frames, batch, args.workers)
     epoch_s = math.ceil(train_utts / batch) * step_s * OVERHEAD  # the base, all utterances

@@ -11,7 +11,8 @@
 #      trial exists; a trial taking over 2.5x the base configuration's time is stopped,
 #   2. optim stage --from-base (= important --top-k, init from the base configuration):
 #      carries the top parameters into
-#   3. model-<type>-lg: the base, then the base with the sm winner's values of the top
+#   3. model-<type>-lg, planned again from the epochs the sm base trial took and the time
+#      left: the base, then the base with the sm winner's values of the top
 #      parameters, then TPE draws over them, on all the utterances, longer trials, one
 #      trial per worker and no pruner (with as many trials as workers a pruned trial frees
 #      a worker that has nothing to take); a trial slower than 1.5x the base's is stopped,
@@ -84,7 +85,6 @@ sm=demo-model-$model_type-sm-$feature
 lg=demo-model-$model_type-lg-$feature
 
 printf '[training]\nnum_epochs = %s\n' "$sm_epochs" > "$conf/$sm-epochs.ini"
-printf '[training]\nnum_epochs = %s\n' "$lg_epochs" > "$conf/$lg-epochs.ini"
 echo "== stage sm: $sm ($sm_trials random trials x $sm_epochs epochs of $sm_utterances" \
   "utterances, $workers workers)" >&2
 # (re-run: the study is there already, so its init is skipped)
@@ -97,6 +97,20 @@ cnn-mellin optim --study-name "$sm" "$db_url" status --json >/dev/null 2>&1 || c
       --max-trial-time-ratio "${SM_TIME_RATIO:-2.5}" \
       --checkpoint-dir "$exp/optim/checkpoints/$sm"
 cnn-mellin "${seed[@]}" optim --study-name "$sm" "$db_url" run --sampler random --workers "$workers"
+
+# the lg stage planned again for the time now left, from the epochs the sm base trial took
+# (the first plan's few synthetic steps misjudge this machine by up to 2x)
+replan=$exp/conf/plan-lg-$model_type.sh
+if [ ! -e "$replan" ]; then
+  left_s=$(( budget_s - SECONDS - 60 ))
+  planned=$(python scripts/plan_stages.py "$data/$feature/train" --budget-s "$left_s" \
+    --lg-trials "${LG_TRIALS:-2}" --lg-after "$db_url" "$sm" "$sm_utterances" \
+    "${base_ini[@]}" "${extra_ini[@]}")
+  printf '%s\n' "$planned" > "$replan.tmp" && mv "$replan.tmp" "$replan"
+fi
+# shellcheck source=/dev/null
+source "$replan"
+printf '[training]\nnum_epochs = %s\n' "$lg_epochs" > "$conf/$lg-epochs.ini"
 
 # from the base configuration: sm trials (6 epochs on a subset) rank parameters well enough
 # to narrow lg, but their winner is the model that learns fastest early, not the one that

@@ -57,6 +57,8 @@ def test_staged_search_end_to_end(tmp_path):
 
     plan = (conf / "plan-mcorr.sh").read_text()
     assert "sm_trials=4\n" in plan and "lg_trials=2\n" in plan  # sized from the measured step
+    # the lg stage planned again from the sm base trial's epochs
+    assert "lg_epochs=" in (conf / "plan-lg-mcorr.sh").read_text()
     for name, trials in ((sm, 4), (lg, 2)):
         shown = status(name)
         counts = shown["counts"]

@@ -1,4 +1,5 @@
-"""The ``model`` group: the acoustic model's architecture (DESIGN.md §5).
+"""The ``model`` group: the acoustic model's architecture (docs/architecture.md, "The Mellin
+correlation").
 
 Window sizes are in frames for filterbank-like features and in samples for raw
 audio (one coefficient per frame), so each has its own pair of parameters and
@@ -47,7 +48,7 @@ def _recurrent(values, num_coeffs):
 GROUP = Group(
     "model",
     "Acoustic model: windows -> correlation stack -> sum over window -> recurrent stack -> "
-    "linear -> CTC (DESIGN.md §5).",
+    "linear -> CTC.",
     [
         Param(
             "window_size", int, 8, "Frames per window, the window image's time axis (features).",
