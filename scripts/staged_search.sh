@@ -9,6 +9,7 @@
 #      utterances, at least 12 trials (a ranking from fewer is mostly noise,
 #      docs/benchmarks.md), under a memory limit that draws are redrawn against before a
 #      trial exists; a trial taking over 2.5x the base configuration's time is stopped,
+#      and the stage topped up to 12 completed trials,
 #   2. optim stage --from-base (= important --top-k, init from the base configuration):
 #      carries the top parameters into
 #   3. model-<type>-lg, planned again from the epochs the sm base trial took and the time
@@ -97,6 +98,18 @@ cnn-mellin optim --study-name "$sm" "$db_url" status --json >/dev/null 2>&1 || c
       --max-trial-time-ratio "${SM_TIME_RATIO:-2.5}" \
       --checkpoint-dir "$exp/optim/checkpoints/$sm"
 cnn-mellin "${seed[@]}" optim --study-name "$sm" "$db_url" run --sampler random --workers "$workers"
+# a trial stopped for time ranks nothing: the stage is topped up to SM_TRIALS completed
+# trials (at most twice; a lone trial gets every CPU of the pool)
+for _ in 1 2; do
+  complete=$(cnn-mellin optim --study-name "$sm" "$db_url" status --json |
+    python -c 'import json, sys; print(json.load(sys.stdin)["counts"]["complete"])')
+  missing=$(( ${SM_TRIALS:-12} - complete ))
+  [ "$missing" -gt 0 ] || break
+  echo "== $complete sm trials completed: adding $missing" >&2
+  cnn-mellin optim --study-name "$sm" "$db_url" grow "$missing"
+  cnn-mellin "${seed[@]}" optim --study-name "$sm" "$db_url" run --sampler random \
+    --workers "$workers"
+done
 
 # the lg stage planned again for the time now left, from the epochs the sm base trial took
 # (the first plan's few synthetic steps misjudge this machine by up to 2x)

@@ -1,9 +1,12 @@
 """The hyperparameter-search service on shared Optuna studies (``cnn-mellin optim``).
 
-One module per concern: :mod:`storage` (URL → storage), :mod:`space` (search space),
-:mod:`study` (init and stored settings), :mod:`budget` (exact budget, retries),
-:mod:`heartbeat` (dead-worker detection), :mod:`worker` (the run loop),
-:mod:`importance`, :mod:`best`, :mod:`status`, :mod:`report`. The public names below
+One module per concern: :mod:`storage` (URL → storage), :mod:`serve` (the storage proxy),
+:mod:`space` (search space), :mod:`study` (init and stored settings), :mod:`feasible`
+(draws that fit before a trial exists), :mod:`budget` (exact budget, retries),
+:mod:`heartbeat` (dead-worker detection), :mod:`worker` (the run loop), :mod:`pool`,
+:mod:`standby`, :mod:`cpus` and :mod:`gpushare` (workers sharing a machine),
+:mod:`importance`, :mod:`best`, :mod:`stage`, :mod:`status`, :mod:`progress`,
+:mod:`report`. The public names below
 are imported on first use, so that ``cnn-mellin --help`` does not load Optuna.
 """
 

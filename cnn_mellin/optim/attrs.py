@@ -13,7 +13,8 @@ PEAK_METHOD = "peak_bytes_method"
 ADMISSION_BYTES = "admission_bytes"
 ADMISSION_METHOD = "admission_method"
 PRUNE_REASON = "prune_reason"
-PRUNE_KIND = "prune_kind"  # pruner | memory | oom | invalid | nonfinite | a task's own
+PRUNE_KIND = "prune_kind"  # pruner | memory | oom | invalid | infeasible | nonfinite |
+# timeout | a task's own (diverged, metrics, exit)
 RESUMED_FROM = "resumed_from_epoch"
 RESUMED_FROM_STEP = "resumed_from_step"  # optimiser steps a retry found in its checkpoint
 STOPPED_AT_STEP = "stopped_at_step"  # where an interrupted trial checkpointed before handing back
@@ -33,7 +34,8 @@ FAIL_KIND = "fail_kind"  # dead | interrupted | user | neighbour | error | dupli
 DUPLICATE_OF = "duplicate_of"
 
 # -- study user attributes besides the init settings ---------------------------------------
-LINEAGE = "lineage"  # a stage made by 'optim stage': {"parent", "kept", "carried"}
+# a stage made by 'optim stage': {"parent", "from", "ranked_from", "kept", "carried"}
+LINEAGE = "lineage"
 
 # -- constraint names given to samplers ---------------------------------------------------
 MEMORY_CONSTRAINT = "memory"

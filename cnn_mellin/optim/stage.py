@@ -5,7 +5,9 @@ It does what the recipe does in three: ``important`` (the kept parameters, writt
 ``init`` of the new study with ``--read-ini TO.ini --whitelist $(cat TO.params)`` plus the
 given init options, so both forms give the same files and the same study. The new study
 also records where it came from, in its user attribute ``lineage``:
-``{"parent": FROM, "kept": {name: importance in FROM}, "carried": {name: value}}`` where
+``{"parent": FROM, "from": "best" | "independent" | "base", "ranked_from": N,
+"kept": {name: importance in FROM}, "carried": {name: value}}`` (``ranked_from``: the
+completed trials the ranking came from) where
 ``carried`` holds the values of the parent's searched parameters that the new stage no
 longer searches (``status`` and ``report`` show it).
 

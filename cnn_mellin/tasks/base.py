@@ -10,7 +10,7 @@ knows which task it runs. A task owns
   reporting per-epoch values through a :class:`TrialContext` so the pruner can stop it.
 
 A task object is built from the ``info`` it stored (``Task(info)``), by one factory
-(:func:`cnn_mellin.tasks.task_from_study`).
+(:func:`cnn_mellin.tasks.make_task`, which a study's settings call).
 """
 
 from __future__ import annotations
