@@ -13,13 +13,13 @@ import configparser
 import math
 import os
 import re
-import tempfile
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from cnn_mellin.errors import ConfigError
+from cnn_mellin.files import write_text_atomic
 
 _TYPES = (int, float, bool, str)
 _TRUE = {"1", "yes", "true", "on"}
@@ -371,20 +371,6 @@ def parse_ini(
             except ValueError as err:
                 raise ConfigError(f"{source}: [{section}] {key}: {err}") from None
     return values
-
-
-def write_text_atomic(path: str | os.PathLike, text: str) -> None:
-    """Write ``text`` to ``path`` through a temporary file in the same folder, then rename."""
-    path = Path(path)
-    directory = path.parent if str(path.parent) else Path(".")
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=directory)
-    try:
-        with os.fdopen(fd, "w") as handle:
-            handle.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def compile_patterns(patterns: Iterable[str], option: str = "pattern") -> list[re.Pattern]:

@@ -9,16 +9,16 @@ loads with ``torch.load(..., weights_only=True)``.
 
 from __future__ import annotations
 
-import os
-import tempfile
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
+import torchaudio.functional
 
 from cnn_mellin.errors import DataError, UserError
+from cnn_mellin.files import atomic_path, write_text_atomic
 
 BLANK = 48
 MODEL_FILE = "model.pt"
@@ -37,14 +37,8 @@ def greedy_decode(log_probs: torch.Tensor, out_lens: torch.Tensor, blank: int = 
 
 
 def edit_distance(ref: Sequence, hyp: Sequence) -> int:
-    """Levenshtein distance (substitutions, insertions, deletions all cost 1)."""
-    previous = list(range(len(hyp) + 1))
-    for i, r in enumerate(ref, 1):
-        current = [i]
-        for j, h in enumerate(hyp, 1):
-            current.append(min(previous[j] + 1, current[j - 1] + 1, previous[j - 1] + (r != h)))
-        previous = current
-    return previous[-1]
+    """Levenshtein distance (substitutions, insertions, deletions all cost 1), torchaudio's."""
+    return torchaudio.functional.edit_distance(ref, hyp)
 
 
 def _merge_repeats(seq: Sequence[int]) -> list[int]:
@@ -120,17 +114,8 @@ def write_model_file(path, model: torch.nn.Module, config_ini: str, info, extra=
 
 def save_atomic(obj: Any, path) -> None:
     """``torch.save`` to a temporary file in the same folder, fsync, then rename over ``path``."""
-    path = Path(path)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            torch.save(obj, handle)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    with atomic_path(path) as tmp:
+        torch.save(obj, tmp)
 
 
 def load_checkpoint_file(path) -> dict:
@@ -238,7 +223,5 @@ def decode(model_dir, data_dir, device="cpu", out=None, utt_ids=None) -> DecodeR
 
 
 def _write_hypotheses(out, hypotheses: Mapping[str, list[str]]) -> None:
-    from cnn_mellin.config import write_text_atomic
-
     text = "".join(" ".join([utt, *phones]) + "\n" for utt, phones in hypotheses.items())
     write_text_atomic(out, text)

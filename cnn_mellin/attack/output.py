@@ -13,6 +13,7 @@ import torch
 
 from cnn_mellin.attack.loop import AttackResult, invert
 from cnn_mellin.decoding import greedy_decode, phone_error_rate
+from cnn_mellin.files import atomic_path, write_bytes_atomic, write_text_atomic
 
 
 def decode_per(model: torch.nn.Module, feats: torch.Tensor, targets: torch.Tensor) -> float:
@@ -59,9 +60,7 @@ def spectrogram_png(original: torch.Tensor, reconstruction: torch.Tensor, path: 
     header = width.to_bytes(4, "big") + height.to_bytes(4, "big") + bytes([8, 2, 0, 0, 0])
     png = (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(raw, 6))
            + chunk(b"IEND", b""))
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_bytes(png)
-    tmp.replace(path)
+    write_bytes_atomic(path, png)
 
 
 # -- utterances of a data dir -----------------------------------------------------------------
@@ -153,18 +152,15 @@ def write_outputs(out_dir: Path, utt_id: str, victim, data_dir, result: AttackRe
     feats, targets = read_utterance(data_dir, utt_id)
     model = victim.model
     recon = (result.z * model.feat_std + model.feat_mean)[0].contiguous()
-    tmp = out_dir / f".{utt_id}.safetensors.tmp"
-    save_file({
-        "reconstruction": recon, "reconstruction_normalised": result.z[0].contiguous(),
-        "original": feats[0].contiguous(), "targets": targets.contiguous(),
-    }, str(tmp), metadata={k: str(v) for k, v in row.items()})
-    tmp.replace(out_dir / f"{utt_id}.safetensors")
+    with atomic_path(out_dir / f"{utt_id}.safetensors") as tmp:
+        save_file({
+            "reconstruction": recon, "reconstruction_normalised": result.z[0].contiguous(),
+            "original": feats[0].contiguous(), "targets": targets.contiguous(),
+        }, str(tmp), metadata={k: str(v) for k, v in row.items()})
     text = io.StringIO()
     writer = csv.writer(text)
     writer.writerow(["step", "loss", "mae"])
     writer.writerows(result.curve)
-    curves = out_dir / f".{utt_id}.curves.csv.tmp"
-    curves.write_text(text.getvalue())
-    curves.replace(out_dir / f"{utt_id}.curves.csv")
+    write_text_atomic(out_dir / f"{utt_id}.curves.csv", text.getvalue())
     normalised = ((feats - model.feat_mean) / model.feat_std)[0]
     spectrogram_png(normalised, result.z[0], out_dir / f"{utt_id}.png")

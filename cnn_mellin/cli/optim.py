@@ -6,7 +6,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from cnn_mellin.config import write_text_atomic
+from cnn_mellin.files import write_text_atomic
 
 _URL_HELP = (
     "the study database: postgresql+psycopg2://USER@HOST/DB, mysql+pymysql://USER@HOST/DB "

@@ -25,6 +25,7 @@ from optuna.trial import FrozenTrial, TrialState
 
 from cnn_mellin.optim import budget
 from cnn_mellin.optim.attrs import WORKER
+from cnn_mellin.units import format_duration
 
 _log = logging.getLogger("cnn_mellin.optim")
 CLEAR = "\x1b[H\x1b[2J"  # cursor home, clear screen
@@ -79,22 +80,11 @@ def measure(
                     None if best is None else best.number, mean, eta)
 
 
-def duration(seconds: float | None) -> str:
-    """``42 s``, ``14 min``, ``3.2 h``; ``?`` when unknown."""
-    if seconds is None:
-        return "?"
-    if seconds < 90:
-        return f"{seconds:.0f} s"
-    if seconds < 5400:
-        return f"{seconds / 60:.0f} min"
-    return f"{seconds / 3600:.1f} h"
-
-
 def eta_text(p: Progress) -> str:
     if p.finished:
         return "budget done"
     if p.eta_s is not None:
-        return f"ETA {duration(p.eta_s)}"
+        return f"ETA {format_duration(p.eta_s)}"
     if p.mean_trial_s is None:
         return "ETA after the first trial finishes"
     return "ETA ? (no trial running)"
@@ -135,13 +125,14 @@ def screen(study_name: str, trials: Sequence[FrozenTrial], p: Progress, interval
         "",
         f"{bar(p, 40)} {p.counts.done}/{p.counts.budget}",
         summary(p),
-        "" if p.mean_trial_s is None else f"mean finished trial: {duration(p.mean_trial_s)}",
+        "" if p.mean_trial_s is None else f"mean finished trial: {format_duration(p.mean_trial_s)}",
     ]
     running = sorted((t for t in trials if t.state == TrialState.RUNNING), key=lambda t: t.number)
     if running:
         lines.append("running:")
         for t in running[:max_running]:
-            age = duration((now - t.datetime_start).total_seconds()) if t.datetime_start else "?"
+            age = format_duration((now - t.datetime_start).total_seconds()
+                                  if t.datetime_start else None)
             lines.append(f"  trial {t.number}: {age} on {_worker(t)}, "
                          f"{len(t.intermediate_values)} epochs reported")
         if len(running) > max_running:

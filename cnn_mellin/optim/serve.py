@@ -29,10 +29,8 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import signal
 import socket
-import tempfile
 import threading
 from collections.abc import Callable, Container
 from concurrent.futures import ThreadPoolExecutor
@@ -45,6 +43,7 @@ from optuna.exceptions import UpdateFinishedTrialError
 from optuna.storages import BaseStorage, GrpcStorageProxy
 from optuna.trial import FrozenTrial, TrialState
 
+from cnn_mellin.files import write_text_atomic
 from cnn_mellin.optim import internals
 from cnn_mellin.optim.defaults import PROXY_PORT, PROXY_THREADS
 from cnn_mellin.optim.storage import (
@@ -275,10 +274,7 @@ def advertised(host: str, port: int) -> str:
 
 def _write_address(path: Path, url: str) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
-    handle, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    with os.fdopen(handle, "w") as out:
-        out.write(url + "\n")
-    os.replace(tmp, path)
+    write_text_atomic(path, url + "\n")
 
 
 class Proxy:

@@ -24,14 +24,14 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import os
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from cnn_mellin.config import Config, write_text_atomic
+from cnn_mellin.config import Config
 from cnn_mellin.errors import ConfigError
+from cnn_mellin.files import atomic_path, write_text_atomic
 from cnn_mellin.optim import space
 from cnn_mellin.optim.attrs import LINEAGE
 from cnn_mellin.optim.best import best_text, best_trial
@@ -95,10 +95,10 @@ def run_stage(
     params_path, ini_path = conf_dir / f"{to_study}.params", conf_dir / f"{to_study}.ini"
     conf_dir.mkdir(parents=True, exist_ok=True)
     # the .ini is read back as init would read it, and both files are put in place only
-    # once the new stage's settings are valid: a refused stage leaves nothing behind
-    pending = ini_path.with_name(f".{ini_path.name}.pending")
-    write_text_atomic(pending, ini_text)
-    try:
+    # once the new stage's settings are valid: a refused stage leaves nothing behind (the
+    # .ini is renamed into place when the block ends, after the .params file)
+    with atomic_path(ini_path) as pending:
+        pending.write_text(ini_text)
         config = Config.from_ini([pending, *read_ini], groups=groups)
         # a parameter that cannot matter with the carried configuration (momentum once
         # adam was carried) would be dropped by init: keep the next one in the ranking
@@ -111,11 +111,7 @@ def run_stage(
         new = build(config, kept)
         if from_base:
             new = dataclasses.replace(new, also_try=_best_values(parent, new, device))
-    except BaseException:
-        pending.unlink(missing_ok=True)
-        raise
-    write_text_atomic(params_path, params_text)
-    os.replace(pending, ini_path)
+        write_text_atomic(params_path, params_text)
     importance = dict(ranked)
     lineage = {
         "parent": from_study,

@@ -27,6 +27,7 @@ from cnn_mellin.optim.attrs import (
 )
 from cnn_mellin.optim.attrs import WORKER as WORKER_ATTR
 from cnn_mellin.optim.study import StudySettings, checkpoint_root
+from cnn_mellin.units import format_bytes
 
 
 def study_status(study: optuna.Study, settings: StudySettings) -> dict[str, Any]:
@@ -118,15 +119,6 @@ def checkpoint_usage(root: Path) -> dict[str, Any]:
             except OSError:
                 pass  # deleted meanwhile
     return {"path": str(root), "bytes": total}
-
-
-def format_bytes(n: int) -> str:
-    """``n`` bytes for people: 999 bytes, 1.5 kB, 3.1 MB, 2.0 GB."""
-    for unit in ("bytes", "kB", "MB", "GB"):
-        if n < 1000 or unit == "GB":
-            return f"{n} bytes" if unit == "bytes" else f"{n:.1f} {unit}"
-        n /= 1000
-    return f"{n:.1f} TB"
 
 
 def format_status(status: dict[str, Any]) -> str:

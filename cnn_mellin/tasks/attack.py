@@ -20,6 +20,7 @@ from typing import Any
 
 from cnn_mellin.config import Config, Group
 from cnn_mellin.errors import ConfigError
+from cnn_mellin.files import write_text_atomic
 from cnn_mellin.tasks.base import (
     MemoryFigure,
     PruneTrial,
@@ -145,9 +146,7 @@ class AttackTask(Task):
                     )
                 except AttackDiverged as err:
                     raise PruneTrial(f"diverged on {utt}: {err}", kind="diverged") from None
-                tmp = finished.with_suffix(".tmp")
-                tmp.write_text(json.dumps({**row, "curve": result.curve}))
-                tmp.replace(finished)
+                write_text_atomic(finished, json.dumps({**row, "curve": result.curve}))
             rows.append(row)
             offset += int(row["steps"])
         count = len(rows)

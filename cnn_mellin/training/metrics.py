@@ -19,7 +19,7 @@ from typing import Any
 
 import torch
 
-from cnn_mellin.config import write_text_atomic
+from cnn_mellin.files import write_text_atomic
 
 __all__ = ["FIELDS", "METRICS_FILE", "peak_memory_bytes", "write_metrics"]
 

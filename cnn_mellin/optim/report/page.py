@@ -20,6 +20,7 @@ from optuna.trial import FrozenTrial
 from cnn_mellin import __version__
 from cnn_mellin.optim.report import figures
 from cnn_mellin.optim.report.story import StudyStory, ended
+from cnn_mellin.units import format_bytes, format_duration
 
 PLOT_CONFIG = {"responsive": True, "displaylogo": False}
 
@@ -28,23 +29,6 @@ def _fmt(value: Any) -> str:
     if isinstance(value, float):
         return f"{value:.6g}" if math.isfinite(value) else str(value)
     return str(value)
-
-
-def _duration(seconds: float | None) -> str:
-    if seconds is None:
-        return "–"
-    if seconds < 120:
-        return f"{seconds:.0f} s"
-    if seconds < 7200:
-        return f"{seconds / 60:.0f} min"
-    return f"{seconds / 3600:.1f} h"
-
-
-def _bytes(n: float) -> str:
-    for unit, size in (("GiB", 2 ** 30), ("MiB", 2 ** 20), ("KiB", 2 ** 10)):
-        if n >= size:
-            return f"{n / size:.3g} {unit}"
-    return f"{n:.0f} B"
 
 
 def _trial_seconds(trial: FrozenTrial) -> float | None:
@@ -75,7 +59,7 @@ def _progress(story: StudyStory) -> str:
 def _cards(story: StudyStory) -> str:
     s, c = story.settings, story.counts
     best = story.best
-    mem = "none" if not s.mem_limit_bytes else _bytes(s.mem_limit_bytes)
+    mem = "none" if not s.mem_limit_bytes else format_bytes(s.mem_limit_bytes)
     durations = [d for d in map(_trial_seconds, story.trials) if d is not None]
     cards = [
         _card("done", f"{c.done} / {s.num_trials}", f"{c.complete} complete, {c.pruned} pruned"),
@@ -86,8 +70,8 @@ def _cards(story: StudyStory) -> str:
         _card("searched", str(len(s.searched)), "parameters"),
         _card("pruner", s.pruner),
         _card("memory limit", mem),
-        _card("median trial", _duration(sorted(durations)[len(durations) // 2]
-                                        if durations else None)),
+        _card("median trial", format_duration(sorted(durations)[len(durations) // 2]
+                                              if durations else None, unknown="–")),
         _card("draws", str(story.draws["draws"]),
               f"{story.draws['rejected_memory']} over the memory limit, "
               f"{story.draws['rejected_invalid']} invalid: never trials"),
@@ -149,8 +133,9 @@ def _best(story: StudyStory) -> str:
     if best is None:
         return '<p class="note">No completed trial yet.</p>'
     worker = figures.worker_label(best)
+    took = format_duration(_trial_seconds(best), unknown="–")
     facts = (f"Trial {best.number}: value <b>{escape(_fmt(best.value))}</b>, "
-             f"{escape(_duration(_trial_seconds(best)))} on {escape(worker)}")
+             f"{escape(took)} on {escape(worker)}")
     epochs = best.user_attrs.get("epochs")
     if epochs is not None:
         facts += f", {escape(str(epochs))} epochs"
