@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The staged hyperparameter search of the reference recipe (seeds/cnn-mellin-recipe.md), one
+# The staged hyperparameter search of the reference recipe (docs/optim.md), one
 # stage per call, for every model type x feature type:
 #
 #   scripts/hyperparam.sh 2.1   init  model-<m>-sm-<f>: all model.* but convolutional_mellin,

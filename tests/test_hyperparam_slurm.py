@@ -42,7 +42,11 @@ def test_hyperparam_sh_every_stage_on_slurm_with_mariadb_my_cnf(my_name, tmp_pat
         HOME=str(home), DB_NAME=my_name, MODEL_TYPES="mcorr", FEATURE_TYPES=feature,
         DATA=str(tmp_path / "data"), CONF=str(tmp_path / "conf"), EXTRA_INI=str(fast),
         DEVICE="cpu", NUM_TRIALS_SM="4", TOP_K_LG="2", TOP_K_MD="2", WORKERS="2",
-        INIT_OPTIONS="--num-trials 4 --num-data-workers 0 --heartbeat-interval 2",
+        # a dev set of 8 utterances (~32 phones), not 3: with ~13 phones the PER has few
+        # values, and the 3 completed trials of a stage once tied, which left step 2.7
+        # nothing to rank ("all have the value 0.846154"; CI, 2026-12-07)
+        INIT_OPTIONS="--num-trials 4 --num-data-workers 0 --heartbeat-interval 2 "
+                     "--dev-proportion 0.25",
         OPTIM_COMMAND=f"sbatch --parsable --cpus-per-task=1 --mem=1500M "
         f"--output={tmp_path}/logs/%A_%a.out scripts/cnn_mellin.slrm --device cpu",
         PATH=f"{ROOT / '.venv' / 'bin'}:{os.environ['PATH']}",  # optuna's CLI (stage 2.2)
