@@ -112,7 +112,7 @@ def bench_cost(args) -> None:
 def bench_quality(args) -> None:
     from cnn_mellin.attack import invert, read_utterance
     from cnn_mellin.data.store import read_info
-    from cnn_mellin.decoding import load_model_file
+    from cnn_mellin.modelfile import load_model_file
     from cnn_mellin.training import train
     from tests.training_fixtures import tiny_config, write_store
 

@@ -85,7 +85,7 @@ def _attack_job(job: tuple) -> dict:
     torch.set_num_threads(1)
     from cnn_mellin.attack import attack_one
     from cnn_mellin.config import Config
-    from cnn_mellin.decoding import load_model_file
+    from cnn_mellin.modelfile import load_model_file
     from cnn_mellin.params.attack import GROUPS
 
     config = Config(values, GROUPS)
@@ -122,7 +122,7 @@ def step_seconds(victim: Path, data: Path, utts: list[str]) -> tuple[float, floa
 
     from cnn_mellin.attack import invert, read_utterance, shared_gradient
     from cnn_mellin.config import Config
-    from cnn_mellin.decoding import load_model_file
+    from cnn_mellin.modelfile import load_model_file
     from cnn_mellin.params.attack import GROUPS
 
     torch.set_num_threads(1)
@@ -185,7 +185,7 @@ def main() -> None:
         victim, data = args.victim.resolve(), args.data.resolve()
     from cnn_mellin.attack import select_utterances
     from cnn_mellin.data.store import read_info
-    from cnn_mellin.decoding import load_model_file
+    from cnn_mellin.modelfile import load_model_file
 
     utts = select_utterances(load_model_file(victim), read_info(data), args.utterances,
                              args.max_seconds)

@@ -77,9 +77,9 @@ def direct(script: Path, epochs: int, work: int, tmp: Path) -> float:
 
 def as_trial(script: Path, space: Path, epochs: int, work: int, tmp: Path, round_: int) -> float:
     from cnn_mellin.config import Config
+    from cnn_mellin.optim.launch import run_worker
     from cnn_mellin.optim.study import build_settings, init_study
-    from cnn_mellin.optim.worker import run_worker
-    from cnn_mellin.tasks.command import read_space
+    from cnn_mellin.tasks.command.spec import read_space
 
     url = str(tmp / f"round{round_}.journal")
     group = read_space(space)[1]

@@ -182,7 +182,7 @@ class Run:
 
 def make_pruner(spec: Spec, max_epochs: int) -> optuna.pruners.BasePruner:
     """Optuna's pruner for ``spec`` (``median(s5,w1)`` and ``hyperband(r1,η3)`` are the
-    worker's current ones, see ``cnn_mellin.optim.worker.make_pruner``)."""
+    worker's current ones, see ``cnn_mellin.optim.algorithms.make_pruner``)."""
     if spec.pruner == "none":
         return optuna.pruners.NopPruner()
     if spec.pruner == "median":

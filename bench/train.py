@@ -24,7 +24,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from cnn_mellin.config import Config  # noqa: E402
 from cnn_mellin.data.loader import UtteranceDataset, make_loader  # noqa: E402
-from cnn_mellin.decoding import BLANK  # noqa: E402
+from cnn_mellin.data.phones import BLANK  # noqa: E402
 from cnn_mellin.model import AcousticModel  # noqa: E402
 from cnn_mellin.training.schedule import optimizer_from_params  # noqa: E402
 from cnn_mellin.training.step import ctc_feasible, ctc_loss  # noqa: E402

@@ -22,7 +22,6 @@ import time
 from pathlib import Path
 
 from cnn_mellin.errors import ConfigError, DataConfigError, DataError
-from cnn_mellin.optim.attrs import RESUMED_FROM_STEP, STOPPED_AT_STEP
 from cnn_mellin.tasks import MemoryFigure, Task, TaskResult
 from cnn_mellin.tasks.base import TrialInterrupted
 
@@ -102,8 +101,7 @@ class FakeTask(Task):
                 if step < epoch * steps:
                     _write(step_file, step)
                     if context.stop_requested():
-                        context.record(STOPPED_AT_STEP, step)
-                        raise TrialInterrupted(f"stopped at step {step}")
+                        raise TrialInterrupted(f"stopped at step {step}", step=step)
             if optimizer == "sgd":
                 raise MemoryError(os.environ.get("FAKE_OOM", "fake allocation failure"))
             _write(state, epoch)
@@ -112,12 +110,11 @@ class FakeTask(Task):
                 os.kill(os.getpid(), signal.SIGKILL)  # checkpointed, never reported
             context.report(epoch, float("nan") if optimizer == "rmsprop" else value + 1 / epoch)
             if epoch < epochs and context.stop_requested():
-                context.record(STOPPED_AT_STEP, step)
-                raise TrialInterrupted(f"stopped at step {step}")
+                raise TrialInterrupted(f"stopped at step {step}", step=step)
         return TaskResult(
             value=value, epochs=epochs, peak_bytes=config["data.batch_size"] * MB,
             resumed_from_epoch=start or None,
-            attrs={RESUMED_FROM_STEP: resumed_step} if resumed_step else {},
+            resumed_from_step=resumed_step,
         )
 
 

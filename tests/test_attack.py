@@ -21,7 +21,7 @@ from cnn_mellin.attack import (
 from cnn_mellin.config import Config
 from cnn_mellin.data.phones import PHONES48, map_48_to_39
 from cnn_mellin.data.store import StoreWriter
-from cnn_mellin.decoding import load_model_file
+from cnn_mellin.modelfile import load_model_file
 from cnn_mellin.params.attack import GROUPS
 from tests.optim_helpers import load
 from tests.training_fixtures import tiny_config, write_store
@@ -229,7 +229,7 @@ def test_bad_attack_inputs_are_one_line_errors(victim, tmp_path, cli, case, mess
 
 @pytest.mark.slow
 def test_attack_as_a_trial_task_values_are_mean_maes_and_reports_flow(victim, tmp_path, cli):
-    from cnn_mellin.optim.worker import run_worker
+    from cnn_mellin.optim.launch import run_worker
 
     model_dir, data = victim
     ini = tmp_path / "a.ini"

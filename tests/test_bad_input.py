@@ -33,8 +33,8 @@ def _model(tmp_path: Path) -> Path:
     """A valid model.pt of the tiny model on the tiny store."""
     from cnn_mellin.config import Config
     from cnn_mellin.data.store import read_info
-    from cnn_mellin.decoding import MODEL_FILE, write_model_file
     from cnn_mellin.model import AcousticModel
+    from cnn_mellin.modelfile import MODEL_FILE, write_model_file
 
     store = _store(tmp_path)
     info = read_info(store)
@@ -50,7 +50,7 @@ def _journal_study(tmp_path: Path, trials: int = 0) -> str:
     url = str(tmp_path / "studies.journal")
     fake_study(url, tmp_path, num_trials=max(trials, 1), whitelist=["training.learning_rate"])
     if trials:
-        from cnn_mellin.optim.worker import run_worker
+        from cnn_mellin.optim.launch import run_worker
 
         assert run_worker(url, "fake", seed=1).exit_code == 0
     return url
@@ -100,6 +100,33 @@ def _(tmp_path):
 def _(tmp_path):
     (tmp_path / "timit").mkdir()
     return ["prep", "timit", tmp_path / "timit", tmp_path / "out", "nosuch-feature"], \
+        [tmp_path / "out"]
+
+
+def _timit_corpus(root: Path, bad_phn: str) -> Path:
+    """A tiny TIMIT layout (one train, dev and core test utterance) whose test .PHN is
+    ``bad_phn``."""
+    import numpy as np
+    import soundfile
+
+    from cnn_mellin.data.phones import speaker_list
+
+    good = "0 800 h#\n800 1600 aa\n"
+    for part, speaker, phn in (("TRAIN", "FZZZ0", good),
+                               ("TEST", speaker_list("dev")[0].upper(), good),
+                               ("TEST", speaker_list("core_test")[0].upper(), bad_phn)):
+        folder = root / part / "DR1" / speaker
+        folder.mkdir(parents=True)
+        audio = np.random.default_rng(0).integers(-500, 500, 1600).astype(np.int16)
+        soundfile.write(str(folder / "SI1.WAV"), audio, 16000, format="NIST", subtype="PCM_16")
+        (folder / "SI1.PHN").write_text(phn)
+    return root
+
+
+@case("prep timit: phone segment past the audio's end")
+def _(tmp_path):
+    timit = _timit_corpus(tmp_path / "timit", "0 800 h#\n800 2600 aa\n")
+    return ["prep", "timit", timit, tmp_path / "out", "raw", "--num-workers", "1"], \
         [tmp_path / "out"]
 
 
@@ -355,3 +382,23 @@ def test_there_are_at_least_30_cases():
     assert len(CASES) >= 30
 
 
+
+
+def test_prep_timit_names_the_transcript_and_line(cli, tmp_path, caplog):
+    bad = _timit_corpus(tmp_path / "bad", "0 800 h#\n700 1600 aa\n")
+    code, out, err = cli("prep", "timit", bad, tmp_path / "out", "raw", "--num-workers", "1")
+    from cnn_mellin.data.phones import speaker_list
+
+    phn = bad / "TEST" / "DR1" / speaker_list("core_test")[0].upper() / "SI1.PHN"
+    assert code == 2 and out == "" and not (tmp_path / "out").exists()
+    assert err.strip() == (f"cnn-mellin: error: {phn} line 2: segment 700 1600 aa overlaps "
+                           "the segment of line 1 (0 800)")
+    # a last segment ending a few samples past the audio: clamped, with a warning (logged to
+    # stderr by the command; pytest's log capture takes it here)
+    close = _timit_corpus(tmp_path / "close", "0 800 h#\n800 1650 aa\n")
+    with caplog.at_level("WARNING", logger="cnn_mellin.data.timit"):
+        code, out, err = cli("prep", "timit", close, tmp_path / "out", "raw",
+                             "--num-workers", "1")
+    assert code == 0 and "wrote" in out, err
+    assert "50 samples past the end" in caplog.text and "clamped" in caplog.text
+    assert (tmp_path / "out" / "raw" / "test" / "feats.h5").is_file()

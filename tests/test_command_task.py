@@ -18,9 +18,10 @@ from cnn_mellin.config import Config
 from cnn_mellin.errors import ConfigError
 from cnn_mellin.optim.attrs import PRUNE_KIND, PRUNE_REASON, RESUMED_FROM
 from cnn_mellin.optim.attrs import WORKER as WORKER_ATTR
+from cnn_mellin.optim.launch import run_worker
 from cnn_mellin.optim.study import build_settings, init_study
-from cnn_mellin.optim.worker import run_worker
-from cnn_mellin.tasks.command import group_pids, parse_space, placeholders, render
+from cnn_mellin.tasks.command.process import group_pids
+from cnn_mellin.tasks.command.spec import parse_space, placeholders, render
 from tests.optim_helpers import ROOT, env, load, start_worker, states, wait_all
 from tests.training_fixtures import write_store
 
@@ -110,7 +111,7 @@ def command_study(
     **options,
 ):
     """A command study of SCRIPT in ``url``; ``options`` are the task's own."""
-    from cnn_mellin.tasks.command import read_space
+    from cnn_mellin.tasks.command.spec import read_space
 
     path, space = script
     task_options = {

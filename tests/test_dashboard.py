@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from cnn_mellin.optim.best import best_trial
-from cnn_mellin.optim.worker import run_worker
+from cnn_mellin.optim.launch import run_worker
 from tests import chromium
 from tests.optim_helpers import ROOT, env, fake_study, load
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import shutil
 from pathlib import Path
 
@@ -134,12 +135,114 @@ def test_bad_corpora_are_one_line_errors_with_nothing_written(corpus, tmp_path):
     shutil.rmtree(no_test / "TEST")
     cases.append((no_test, "no dev utterances"))
 
+    past_end = broken("past_end")
+    victim = sorted(past_end.glob("TEST/*/*/SI*.PHN"))[0]
+    _move_last_end(victim, 1000)
+    last = len(victim.read_text().splitlines())
+    cases.append((past_end, rf"{re.escape(str(victim))} line {last}: .* 1000 samples past "))
+
+    overlap = broken("overlap")
+    victim = sorted(overlap.glob("TRAIN/*/*/SI*.PHN"))[3]
+    lines = victim.read_text().splitlines(keepends=True)
+    start, end, label = lines[2].split()
+    lines[2] = f"{int(start) - 1} {end} {label}\n"
+    victim.write_text("".join(lines))
+    cases.append((overlap, rf"{re.escape(str(victim))} line 3: .* overlaps the segment of "))
+
     for timit_dir, message in cases:
         out = tmp_path / f"out-{timit_dir.name}"
         with pytest.raises(DataError, match=message) as caught:
             timit.prepare_timit(timit_dir, out, ["raw", "fbank-81-10ms"], num_workers=1)
         assert "\n" not in str(caught.value)
         assert _leaves_nothing(out), timit_dir
+
+
+def _move_last_end(phn: Path, by: int) -> None:
+    lines = phn.read_text().splitlines(keepends=True)
+    start, end, label = lines[-1].split()
+    lines[-1] = f"{start} {int(end) + by} {label}\n"
+    phn.write_text("".join(lines))
+
+
+def _phn(tmp_path: Path, text: str) -> Path:
+    path = tmp_path / "X.PHN"
+    path.write_text(text)
+    return path
+
+
+@pytest.mark.parametrize("text, message", [
+    ("0 100 h#\n300 400 aa\n100 300 b\n", r"line 3: segment 100 300 b is out of order: it "
+     r"starts before the segment of line 2 \(300 400\)"),
+    ("0 100 h#\n90 300 b\n", r"line 2: segment 90 300 b overlaps the segment of line 1 "
+     r"\(0 100\)"),
+    ("0 100 h#\n100 300 b\n200 250 aa\n", "line 3: segment 200 250 aa overlaps"),
+    ("0 100 h#\n\n300 200 b\n", "line 3: segment 300 200 b ends before it starts"),
+    ("-5 100 h#\n", "line 1: segment -5 100 h# starts before sample 0"),
+], ids=["out-of-order", "overlap", "overlap-within", "reversed", "negative"])
+def test_phn_segments_out_of_order_or_overlapping_are_errors(tmp_path, text, message):
+    path = _phn(tmp_path, text)
+    with pytest.raises(DataError, match=message) as caught:
+        timit.read_phn(path)
+    assert str(caught.value).startswith(f"{path} line ") and "\n" not in str(caught.value)
+
+
+def test_phn_gaps_and_a_late_start_are_accepted(tmp_path):
+    segments = timit.read_phn(_phn(tmp_path, "50 100 h#\n\n120 120 q\n150 300 b\n"))
+    assert [tuple(s) for s in segments] == [(50, 100, "h#", 1), (120, 120, "q", 3),
+                                            (150, 300, "b", 4)]
+
+
+def test_phn_past_the_audio_end(tmp_path, caplog):
+    phn, wav = tmp_path / "X.PHN", tmp_path / "X.WAV"
+    segments = timit.read_phn(_phn(tmp_path, "0 100 h#\n100 1000 b\n1000 2000 h#\n"))
+    with caplog.at_level("WARNING"):
+        assert timit.check_segments(segments, 2000, phn, wav) == segments
+    assert caplog.records == []
+    tolerance = timit.PHN_END_TOLERANCE
+    assert tolerance == 160  # one 10 ms frame at 16 kHz, as README and --help say
+    with pytest.raises(DataError, match=rf"{re.escape(str(phn))} line 3: segment 1000 2000 h# "
+                       rf"ends {tolerance + 1} samples past the end of {re.escape(str(wav))} "
+                       rf"\({1999 - tolerance} samples\)"):
+        timit.check_segments(segments, 1999 - tolerance, phn, wav)
+
+    with caplog.at_level("WARNING"):
+        clamped = timit.check_segments(segments, 2000 - tolerance, phn, wav)
+    assert clamped[:2] == segments[:2]
+    assert tuple(clamped[2]) == (1000, 2000 - tolerance, "h#", 3)
+    [record] = caplog.records
+    assert record.levelname == "WARNING"
+    assert f"{phn} line 3" in record.getMessage() and "clamped" in record.getMessage()
+    # every segment reaching past the end is clamped, one wholly past it becomes empty
+    late = timit.read_phn(_phn(tmp_path, "0 100 h#\n100 150 h#\n"))
+    assert [tuple(s) for s in timit.check_segments(late, 90, phn, wav)] == [
+        (0, 90, "h#", 1), (90, 90, "h#", 2)]
+
+
+def test_synthetic_corpus_passes_the_checks(corpus, caplog):
+    with caplog.at_level("WARNING"):
+        for utt in timit.find_utterances(corpus):
+            segments = timit.read_phn(utt.phn)
+            num_samples = soundfile.info(str(utt.wav)).frames
+            assert timit.check_segments(segments, num_samples, utt.phn, utt.wav) == segments
+            # contiguous from 0 to the end, like real TIMIT
+            assert segments[0].start == 0 and segments[-1].end == num_samples
+            assert all(a.end == b.start for a, b in zip(segments[:-1], segments[1:], strict=True))
+    assert caplog.records == []
+
+
+def test_end_a_little_past_the_audio_is_clamped_with_a_warning(corpus, prepared, tmp_path,
+                                                               caplog):
+    tolerated = _copy(corpus, tmp_path / "timit")
+    victim = sorted(tolerated.glob("TRAIN/*/*/SI*.PHN"))[0]
+    _move_last_end(victim, timit.PHN_END_TOLERANCE)
+    with caplog.at_level("WARNING", logger="cnn_mellin.data.timit"):
+        timit.prepare_timit(tolerated, tmp_path / "out", ["raw"], num_workers=1)
+    [record] = [r for r in caplog.records if r.name == timit.__name__]
+    assert str(victim) in record.getMessage() and "clamped" in record.getMessage()
+    for split in ("train", "dev", "test"):  # the times are not stored: the same stores
+        a = read_info(tmp_path / "out" / "raw" / split)
+        b = read_info(prepared / "raw" / split)
+        assert (a.utt_ids, a.num_frames, a.num_targets) == (b.utt_ids, b.num_frames, b.num_targets)
 
 
 def test_bad_features_and_non_directory_output(corpus, tmp_path):

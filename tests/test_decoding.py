@@ -7,16 +7,10 @@ import random
 import pytest
 import torch
 
-from cnn_mellin.data.phones import PHONES48, map_48_to_39
-from cnn_mellin.decoding import (
-    BLANK,
-    edit_distance,
-    fold_and_merge,
-    greedy_decode,
-    phone_error_rate,
-    symbols_39,
-)
+from cnn_mellin.data.phones import BLANK, PHONES48, map_48_to_39
+from cnn_mellin.decoding import greedy_decode
 from cnn_mellin.errors import DataError
+from cnn_mellin.scoring import edit_distance, fold_and_merge, phone_error_rate, symbols_39
 
 
 def _one_hot_log_probs(paths, length, classes=BLANK + 1):

@@ -13,9 +13,9 @@ from optuna.trial import TrialState
 
 from cnn_mellin.config import Config
 from cnn_mellin.optim.attrs import WORKER as WORKER_ATTR
+from cnn_mellin.optim.launch import run_worker
 from cnn_mellin.optim.status import format_bytes
 from cnn_mellin.optim.study import build_settings, init_study
-from cnn_mellin.optim.worker import run_worker
 from tests.optim_helpers import load, start_worker, states, wait_all
 from tests.training_fixtures import tiny_config, write_store
 
@@ -215,7 +215,7 @@ def test_sigterm_checkpoints_the_step_and_the_retry_ends_as_an_uninterrupted_run
     import threading
 
     from cnn_mellin.data.store import read_info
-    from cnn_mellin.decoding import load_checkpoint_file
+    from cnn_mellin.modelfile import load_checkpoint_file
     from cnn_mellin.training import train
 
     url = str(tmp_path / "s.journal")

@@ -12,8 +12,8 @@ from optuna.trial import TrialState
 
 from cnn_mellin.config import Config
 from cnn_mellin.optim.best import best_trial, lowest_median_value, trial_config
+from cnn_mellin.optim.launch import run_worker
 from cnn_mellin.optim.study import read_settings
-from cnn_mellin.optim.worker import run_worker
 from tests.optim_helpers import (
     FAKE_TASK,
     env,

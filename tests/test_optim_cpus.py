@@ -6,7 +6,7 @@ import os
 
 import torch
 
-from cnn_mellin.optim.cpus import allocated_cpus, use_threads
+from cnn_mellin.cpus import allocated_cpus, use_threads
 
 
 def test_slurm_cpus_per_task_then_affinity(monkeypatch):

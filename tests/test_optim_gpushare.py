@@ -19,11 +19,11 @@ from cnn_mellin.optim.gpushare import (
     caused_by_neighbour,
     check_sharing,
     requested_bytes,
-    shifted_frames,
     with_reserve,
 )
 from cnn_mellin.optim.worker import Worker
 from cnn_mellin.tasks.asr import AsrTask
+from cnn_mellin.training.augment import shifted_frames
 from tests.optim_helpers import fake_study, load
 from tests.training_fixtures import TINY_MODEL
 

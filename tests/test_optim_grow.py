@@ -7,8 +7,8 @@ import time
 import pytest
 from optuna.trial import TrialState
 
+from cnn_mellin.optim.launch import run_worker
 from cnn_mellin.optim.study import read_settings
-from cnn_mellin.optim.worker import run_worker
 from tests.optim_helpers import FAKE_TASK, fake_study, load, start_worker, states, wait_all
 
 pytestmark = pytest.mark.db

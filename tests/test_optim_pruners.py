@@ -44,8 +44,8 @@ class CurveTask(FakeTask):
 
 
 def _run_study(tmp_path, pruner: str):
+    from cnn_mellin.optim.launch import run_worker
     from cnn_mellin.optim.study import build_settings, init_study
-    from cnn_mellin.optim.worker import run_worker
 
     RUN_ORDER.clear()
     url = str(tmp_path / "studies.journal")
@@ -132,8 +132,8 @@ class SlowTask(CurveTask):
 def test_a_trial_over_max_trial_seconds_is_pruned_at_its_next_epoch(tmp_path):
     from cnn_mellin.errors import ConfigError
     from cnn_mellin.optim.attrs import PRUNE_KIND
+    from cnn_mellin.optim.launch import run_worker
     from cnn_mellin.optim.study import build_settings, init_study
-    from cnn_mellin.optim.worker import run_worker
 
     url = str(tmp_path / "studies.journal")
     (tmp_path / "data").mkdir()

@@ -13,13 +13,12 @@ from pathlib import Path
 import pytest
 from optuna.trial import TrialState
 
-from cnn_mellin.optim.attrs import PRUNE_KIND, PRUNE_REASON, WORKER
+from cnn_mellin.optim.attrs import LINEAGE, PRUNE_KIND, PRUNE_REASON, WORKER
 from cnn_mellin.optim.budget import fail_and_replace
 from cnn_mellin.optim.importance import rank
-from cnn_mellin.optim.report.story import LINEAGE
+from cnn_mellin.optim.launch import run_worker
 from cnn_mellin.optim.status import draw_counts
 from cnn_mellin.optim.study import read_settings
-from cnn_mellin.optim.worker import run_worker
 from tests import chromium
 from tests.optim_helpers import ROOT, env, fake_study, load
 

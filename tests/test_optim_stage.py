@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 from optuna.trial import TrialState
 
+from cnn_mellin.optim.launch import run_worker
 from cnn_mellin.optim.study import read_settings
-from cnn_mellin.optim.worker import run_worker
 from tests.optim_helpers import FAKE_TASK, fake_study, load
 
 pytestmark = pytest.mark.db

@@ -117,8 +117,8 @@ def test_a_task_that_does_not_stop_within_the_grace_is_handed_back_after_it(tmp_
     fake_study(url, tmp_path, name="slow", num_trials=1, whitelist=SEARCH,
                base={"training.num_epochs": 1})
     # one step of 2 minutes: no chance to stop politely within a grace of 1 s
-    worker = _start(url, "slow", log, code="import cnn_mellin.optim.worker as w; "
-                    "w.STOP_GRACE_S = 1.0", FAKE_EPOCH_S=120)
+    worker = _start(url, "slow", log, code="import cnn_mellin.optim.stop as s; "
+                    "s.STOP_GRACE_S = 1.0", FAKE_EPOCH_S=120)
     victim = _until(lambda: _in_task(url, "slow", tmp_path / "ckpt" / "slow"),
                     "the trial to start", workers=[(worker, log)])
     sent = time.monotonic()

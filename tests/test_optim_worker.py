@@ -18,9 +18,9 @@ from cnn_mellin.optim import budget
 from cnn_mellin.optim.attrs import BEAT_KEY
 from cnn_mellin.optim.attrs import WORKER as WORKER_ATTR
 from cnn_mellin.optim.heartbeat import Monitor, StaleWatch, WorkerIdentity
+from cnn_mellin.optim.launch import run_worker
 from cnn_mellin.optim.status import study_status
 from cnn_mellin.optim.study import checkpoint_root, read_settings
-from cnn_mellin.optim.worker import run_worker
 from tests.optim_helpers import (
     fake_study,
     load,
@@ -769,11 +769,11 @@ def test_a_trial_taken_for_dead_while_it_is_sampled_is_dropped(tmp_path, monkeyp
 def test_a_trial_taken_for_dead_just_before_it_is_told_is_dropped(tmp_path, monkeypatch):
     # found by bench/scale_faults.py: Optuna 5's "Cannot tell a FAIL trial." (ValueError)
     # ended the worker with a traceback
-    from cnn_mellin.optim.worker import Worker
+    from cnn_mellin.optim.outcome import Recorder
 
     url = _journal(tmp_path)
     fake_study(url, tmp_path, num_trials=2, whitelist=["training.learning_rate"])
-    original, calls = Worker._write_facts, []
+    original, calls = Recorder.write_facts, []
 
     def write_facts(self, trial, facts):
         original(self, trial, facts)
@@ -781,7 +781,7 @@ def test_a_trial_taken_for_dead_just_before_it_is_told_is_dropped(tmp_path, monk
             _taken_for_dead(self.study, trial._trial_id)
         calls.append(trial.number)
 
-    monkeypatch.setattr(Worker, "_write_facts", write_facts)
+    monkeypatch.setattr(Recorder, "write_facts", write_facts)
     summary = run_worker(url, "fake")
     _assert_one_lost_two_completed(summary, url)
 

@@ -8,8 +8,9 @@ import math
 import pytest
 import torch
 
-from cnn_mellin.decoding import decode, load_checkpoint_file
+from cnn_mellin.decoding import decode
 from cnn_mellin.errors import ConfigError, DataError, UserError
+from cnn_mellin.modelfile import load_checkpoint_file
 from cnn_mellin.training import TrainingDiverged, train
 from cnn_mellin.training import step as step_module
 from cnn_mellin.training.metrics import FIELDS

@@ -11,7 +11,7 @@ import time
 import pytest
 import torch
 
-from cnn_mellin.decoding import load_checkpoint_file
+from cnn_mellin.modelfile import load_checkpoint_file
 from tests.conftest import ROOT
 from tests.training_fixtures import TINY_MODEL, write_store
 

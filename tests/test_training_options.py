@@ -13,8 +13,8 @@ import pytest
 import torch
 
 from cnn_mellin.config import Config, parameters
-from cnn_mellin.decoding import load_checkpoint_file, save_atomic
 from cnn_mellin.errors import UserError
+from cnn_mellin.modelfile import load_checkpoint_file, save_atomic
 from cnn_mellin.training import TrainingDiverged, autocast_dtype, train
 from cnn_mellin.training import step as step_module
 from cnn_mellin.training.augment import Augmenter

@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from cnn_mellin.data import loader as loader_module
-from cnn_mellin.decoding import load_checkpoint_file
+from cnn_mellin.modelfile import load_checkpoint_file
 from cnn_mellin.training import TrainingInterrupted, train
 from tests.training_fixtures import tiny_config, write_store
 

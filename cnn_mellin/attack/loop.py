@@ -28,7 +28,7 @@ from typing import Any
 import torch
 
 from cnn_mellin.attack.objective import Objective, shared_gradient, top_mask
-from cnn_mellin.decoding import save_atomic
+from cnn_mellin.modelfile import save_atomic
 
 
 class AttackDiverged(Exception):

@@ -36,7 +36,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from cnn_mellin.decoding import BLANK
+from cnn_mellin.data.phones import BLANK
 
 _NEG = -1e30  # "log 0" that keeps the recursion's gradients finite
 

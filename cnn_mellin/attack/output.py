@@ -12,8 +12,9 @@ from typing import Any
 import torch
 
 from cnn_mellin.attack.loop import AttackResult, invert
-from cnn_mellin.decoding import greedy_decode, phone_error_rate
+from cnn_mellin.decoding import greedy_decode
 from cnn_mellin.files import atomic_path, write_bytes_atomic, write_text_atomic
+from cnn_mellin.scoring import phone_error_rate
 
 
 def decode_per(model: torch.nn.Module, feats: torch.Tensor, targets: torch.Tensor) -> float:

@@ -46,8 +46,8 @@ def run(args: argparse.Namespace, config) -> int:
 
     from cnn_mellin.attack import attack_one, select_utterances, write_outputs
     from cnn_mellin.data.store import read_info
-    from cnn_mellin.decoding import load_model_file
     from cnn_mellin.files import write_text_atomic
+    from cnn_mellin.modelfile import load_model_file
 
     victim = load_model_file(args.model_dir)
     info = read_info(args.data_dir)

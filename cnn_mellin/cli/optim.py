@@ -418,7 +418,7 @@ def run_run(args, config) -> int:
 
 
 def _run(args) -> int:
-    from cnn_mellin.optim.worker import run_worker, run_workers
+    from cnn_mellin.optim.launch import run_worker, run_workers
 
     folders = {"keep_checkpoints": args.keep_checkpoints, "data_dir": args.data_dir,
                "checkpoint_dir": args.checkpoint_dir}

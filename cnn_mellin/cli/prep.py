@@ -17,7 +17,10 @@ def register(commands) -> None:
         description="Read a corpus in the TIMIT layout (TRAIN|TEST/DR*/SPEAKER/*.WAV + .PHN, any "
         "letter case), drop SA sentences, map 61 phones to 48 (39 kept for scoring), split "
         "train / dev (50 speakers) / core test (24 speakers) and write one HDF5 file per "
-        "partition and feature.",
+        "partition and feature. Each .PHN is checked against its audio first: segments out of "
+        "order, overlapping or ending past the audio are an error naming the file and line, and "
+        "nothing is written (a last segment at most 160 samples, one 10 ms frame, past the end "
+        "is clamped with a warning).",
     )
     timit.add_argument("timit_dir", metavar="TIMIT_DIR")
     timit.add_argument("out_dir", metavar="OUT_DIR")

@@ -73,12 +73,15 @@ def run_train(args, config) -> int:
 
 def run_decode(args, config) -> int:
     from cnn_mellin.decoding import decode
+    from cnn_mellin.files import write_text_atomic
 
     to_stdout = args.out == "-"
-    result = decode(args.model_dir, args.data_dir, args.device, out=None if to_stdout else args.out)
+    result = decode(args.model_dir, args.data_dir, args.device)
+    lines = "".join(" ".join([utt, *phones]) + "\n" for utt, phones in result.hypotheses.items())
     if to_stdout:
-        for utt, phones in result.hypotheses.items():
-            sys.stdout.write(" ".join([utt, *phones]) + "\n")
+        sys.stdout.write(lines)
+    elif args.out is not None:
+        write_text_atomic(args.out, lines)
     if not args.quiet:
         stream = sys.stderr if to_stdout else sys.stdout
         stream.write(f"PER {result.per:.4f} over {result.num_utts} utterances\n")

@@ -191,7 +191,7 @@ def subset_indices(dataset: UtteranceDataset, subset) -> list[int]:
 def allowed_workers() -> int:
     """Loader workers this process may start: the CPUs of its allocation
     (``SLURM_CPUS_PER_TASK``), at most those its affinity lets it run on."""
-    from cnn_mellin.optim.cpus import allocated_cpus
+    from cnn_mellin.cpus import allocated_cpus
 
     cpus = allocated_cpus()
     if hasattr(os, "sched_getaffinity"):

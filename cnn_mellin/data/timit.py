@@ -6,15 +6,22 @@ Speakers of ``dev_spk.list`` form the dev set, those of ``core_test_spk.list`` t
 set and the other TRAIN speakers the training set. Targets are 48-phone ids (61 -> 48, ``q``
 dropped); the 48 -> 39 map is stored for scoring. Everything is checked before anything is
 written, and all stores are renamed into place only when every one of them is complete.
+
+Each ``.PHN`` is checked against its audio: segments must be in order, must not overlap and must
+end within the audio (gaps and a first segment after sample 0 are accepted). A transcript
+that overshoots the audio by at most :data:`PHN_END_TOLERANCE` samples is clamped with a
+warning; anything further is an error. ``.WRD`` and ``.TXT`` files are not read.
 """
 
 from __future__ import annotations
 
+import logging
 import multiprocessing
 import os
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 import soundfile
@@ -26,6 +33,11 @@ from cnn_mellin.errors import ConfigError, DataError
 
 SPLITS = ("train", "dev", "test")
 SAMPLE_RATE = 16000
+# samples a last .PHN segment may end past the audio (clamped with a warning): one 10 ms
+# frame shift, room for an end rounded up to a frame rather than a transcript of other audio
+PHN_END_TOLERANCE = 160
+
+_log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -114,9 +126,22 @@ def find_utterances(timit_dir) -> list[TimitUtterance]:
     return sorted(found, key=lambda u: (order[u.split], u.utt_id))
 
 
-def read_phn(path: Path) -> list[tuple[int, int, str]]:
-    """(start, end, label) rows of a .PHN file; DataError for malformed lines or labels."""
-    rows = []
+class Segment(NamedTuple):
+    """One line of a .PHN file: samples [start, end) hold ``label``; ``line`` counts from 1."""
+
+    start: int
+    end: int
+    label: str
+    line: int
+
+
+def read_phn(path: Path) -> list[Segment]:
+    """The segments of a .PHN file.
+
+    DataError for malformed lines, a negative start, a segment that ends before it starts,
+    and segments out of order or overlapping (each error names the file and the line).
+    """
+    rows: list[Segment] = []
     try:
         lines = path.read_text(errors="replace").splitlines()
     except OSError as err:
@@ -132,21 +157,53 @@ def read_phn(path: Path) -> list[tuple[int, int, str]]:
         except (ValueError, IndexError):
             raise DataError(f"{path} line {number}: expected 'START END PHONE', "
                             f"got {line.strip()!r}") from None
-        rows.append((start, end, label))
+        where = f"{path} line {number}: segment {start} {end} {label}"
+        if start < 0:
+            raise DataError(f"{where} starts before sample 0")
+        if end < start:
+            raise DataError(f"{where} ends before it starts")
+        if rows and start < rows[-1].start:
+            raise DataError(f"{where} is out of order: it starts before the segment of "
+                            f"line {rows[-1].line} ({rows[-1].start} {rows[-1].end})")
+        if rows and start < rows[-1].end:
+            raise DataError(f"{where} overlaps the segment of line {rows[-1].line} "
+                            f"({rows[-1].start} {rows[-1].end})")
+        rows.append(Segment(start, end, label, number))
     if not rows:
         raise DataError(f"{path} is empty")
     return rows
 
 
-def _targets(utt: TimitUtterance) -> np.ndarray:
-    labels = [label for _, _, label in read_phn(utt.phn)]
-    ids = targets_from_61(labels, where=str(utt.phn))
+def check_segments(segments: list[Segment], num_samples: int, phn: Path,
+                   wav: Path) -> list[Segment]:
+    """``segments`` (in order, as :func:`read_phn` gives them) checked against the audio length.
+
+    Segments ending at most :data:`PHN_END_TOLERANCE` samples past the audio are clamped to
+    its end with a warning; further is a DataError naming the file and the line.
+    """
+    last = segments[-1]
+    over = last.end - num_samples
+    if over <= 0:
+        return segments
+    where = (f"{phn} line {last.line}: segment {last.start} {last.end} {last.label} ends "
+             f"{over} samples past the end of {wav} ({num_samples} samples)")
+    if over > PHN_END_TOLERANCE:
+        raise DataError(f"{where}; the transcript does not fit its audio (at most "
+                        f"{PHN_END_TOLERANCE} samples past the end are tolerated)")
+    _log.warning("%s; clamped to the end of the audio", where)
+    return [s if s.end <= num_samples
+            else s._replace(start=min(s.start, num_samples), end=num_samples) for s in segments]
+
+
+def _targets(utt: TimitUtterance, segments: list[Segment]) -> np.ndarray:
+    ids = targets_from_61([s.label for s in segments], where=str(utt.phn))
     if not ids:
         raise DataError(f"{utt.phn} has no phones besides q")
     return np.asarray(ids, dtype=np.int16)
 
 
-def _check_audio(utt: TimitUtterance) -> float:
+def _check_audio(utt: TimitUtterance) -> int:
+    """Number of samples of the utterance's audio; DataError unless 16 kHz mono."""
     try:
         info = soundfile.info(str(utt.wav))
     except (RuntimeError, soundfile.LibsndfileError) as err:
@@ -156,7 +213,15 @@ def _check_audio(utt: TimitUtterance) -> float:
                         f"{SAMPLE_RATE} Hz")
     if info.channels != 1:
         raise DataError(f"{utt.wav}: {info.channels} channels; the audio must be mono")
-    return info.frames / SAMPLE_RATE
+    return info.frames
+
+
+def _check_utterance(utt: TimitUtterance) -> tuple[np.ndarray, int]:
+    """The utterance's 48-phone targets and its number of samples, transcript and audio checked."""
+    segments = read_phn(utt.phn)
+    num_samples = _check_audio(utt)
+    segments = check_segments(segments, num_samples, utt.phn, utt.wav)
+    return _targets(utt, segments), num_samples
 
 
 def _features(job: tuple[Path, tuple[str, ...]]) -> dict[str, np.ndarray]:
@@ -208,8 +273,9 @@ def prepare_timit(timit_dir, out_dir, features, num_workers: int | None = None) 
     if out.exists() and not out.is_dir():
         raise DataError(f"output directory {out} exists and is not a directory")
     utterances = find_utterances(timit_dir)
-    targets = {u.utt_id: _targets(u) for u in utterances}
-    seconds = {u.utt_id: _check_audio(u) for u in utterances}
+    checked = {u.utt_id: _check_utterance(u) for u in utterances}
+    targets = {utt: t for utt, (t, _) in checked.items()}
+    seconds = {utt: n / SAMPLE_RATE for utt, (_, n) in checked.items()}
     ids = [u.utt_id for u in utterances]
     if len(set(ids)) != len(ids):
         dup = next(u for u in ids if ids.count(u) > 1)

@@ -33,8 +33,14 @@ FAIL_REASON = "fail_reason"
 FAIL_KIND = "fail_kind"  # dead | interrupted | user | neighbour | error | duplicate
 DUPLICATE_OF = "duplicate_of"
 
-# -- study user attributes besides the init settings ---------------------------------------
-# a stage made by 'optim stage': {"parent", "from", "ranked_from", "kept", "carried"}
+# -- study user attributes --------------------------------------------------------------
+# every StudySettings field is one, under its own name; these are also read or written alone
+NUM_TRIALS = "num_trials"  # the budget, which 'optim grow' raises
+# besides the init settings: a stage made by 'optim stage', a dict with "parent" (the
+# earlier study's name), "kept" (the parameters carried on as searched, with their
+# importance in the parent: {name: importance}, or a list of names or [name, value] pairs),
+# "carried" (the configuration the stage starts from: {name: value} or .ini text) and
+# "from", "ranked_from"
 LINEAGE = "lineage"
 
 # -- constraint names given to samplers ---------------------------------------------------

@@ -36,6 +36,7 @@ from cnn_mellin.optim.attrs import (
     FAIL_KIND,
     FAIL_REASON,
     INTERRUPT_COUNT,
+    NUM_TRIALS,
     REPLACE_KIND,
     REPLACE_REASON,
     REPLACES,
@@ -200,9 +201,9 @@ def grow(study: optuna.Study, more: int) -> tuple[int, int]:
     The attribute is raised first, so a worker never sees a slot beyond the budget it knows;
     running workers follow the new budget when they next run out of trials.
     """
-    old = int(study.user_attrs["num_trials"])
+    old = int(study.user_attrs[NUM_TRIALS])
     new = old + more
-    study.set_user_attr("num_trials", new)
+    study.set_user_attr(NUM_TRIALS, new)
     live = count(study.get_trials(deepcopy=False), new).live
     for _ in range(max(0, new - live)):
         study.enqueue_trial({})

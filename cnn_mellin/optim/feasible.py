@@ -12,7 +12,11 @@ Random draws stay uniform over the feasible region (rejection sampling). A model
 sampler's own proposal comes first; once it is rejected the sampler's independent draws
 follow (TPE's Parzen estimators, GP's random fallback), so model-based samplers propose
 where good trials are and never spend a trial to learn where memory ends, the figure
-being known before training. Trained trials still carry their ``memory`` constraint
+being known before training. Rejected draws are not trials, so nothing tells TPE where
+memory ends: when the good trials sit at the limit, its estimators can keep proposing just
+past it. After :data:`MODEL_DRAWS` rejected proposals the rest of the trial's draws are
+uniform over the space (seeded like the sampler), which the feasible share measured at
+``init`` says will fit. Trained trials still carry their ``memory`` constraint
 (peak / limit - 1), which TPE and GP read natively (Optuna's ``Trial.set_constraint``).
 Draws come from the sampler's seeded generator: the same seed gives the same sequence.
 """
@@ -38,6 +42,7 @@ from cnn_mellin.tasks import Task
 from cnn_mellin.tasks.base import MemoryFigure
 
 MAX_DRAWS = 1000  # per trial; a space where none of these fits is refused at init
+MODEL_DRAWS = 250  # of them from the wrapped sampler; the rest uniform
 
 
 @dataclass(frozen=True)
@@ -108,11 +113,14 @@ class FeasibleSampler(BaseSampler):
     """
 
     def __init__(self, inner: BaseSampler, space: Mapping[str, BaseDistribution],
-                 judge: Callable[[Mapping[str, Any]], Verdict], max_draws: int = MAX_DRAWS):
+                 judge: Callable[[Mapping[str, Any]], Verdict], max_draws: int = MAX_DRAWS,
+                 model_draws: int = MODEL_DRAWS, seed: int | None = None):
         self.inner = inner
         self._space = dict(space)
         self._judge = judge
         self.max_draws = max_draws
+        self.model_draws = model_draws
+        self._rng = random.Random(seed)
         self.rejected: Counter = Counter()
         self.verdict: Verdict | None = None
 
@@ -131,9 +139,12 @@ class FeasibleSampler(BaseSampler):
         for draw in range(self.max_draws):
             proposal = (self.inner.sample_relative(study, trial, inner_space)
                         if draw == 0 and inner_space else {})
-            values = {name: proposal[name] if name in proposal else
-                      self.inner.sample_independent(study, trial, name, dist)
-                      for name, dist in free.items()}
+            if draw < self.model_draws:
+                values = {name: proposal[name] if name in proposal else
+                          self.inner.sample_independent(study, trial, name, dist)
+                          for name, dist in free.items()}
+            else:
+                values = {name: uniform_draw(dist, self._rng) for name, dist in free.items()}
             verdict = self._judge({**fixed, **values})
             if verdict.rejected is None:
                 self.verdict = verdict

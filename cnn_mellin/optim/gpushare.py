@@ -31,12 +31,6 @@ _UNITS = {"B": 1, "KiB": 2**10, "MiB": 2**20, "GiB": 2**30, "TiB": 2**40}
 _TRIED = re.compile(r"tried to allocate ([0-9.]+) ?(B|KiB|MiB|GiB|TiB)", re.IGNORECASE)
 
 
-def shifted_frames(frames: int, proportion: float) -> int:
-    """The longest an utterance of ``frames`` frames gets under random shifts of
-    ``proportion`` (up to ``floor(proportion * frames)`` frames on each side)."""
-    return int(frames) + 2 * math.floor(int(frames) * max(0.0, float(proportion)))
-
-
 def with_reserve(peak_bytes: int) -> int:
     """What the allocator reserves for a peak allocation of ``peak_bytes``."""
     return math.ceil(int(peak_bytes) * (1.0 + ALLOCATOR_RESERVE))

@@ -18,7 +18,6 @@ from typing import Any
 
 from cnn_mellin.config import Config
 from cnn_mellin.errors import ConfigError, DataError
-from cnn_mellin.optim.attrs import RESUMED_FROM_STEP, STOPPED_AT_STEP
 from cnn_mellin.tasks.base import (
     MemoryFigure,
     PruneTrial,
@@ -176,7 +175,7 @@ class AsrTask(Task):
         import torch
 
         from cnn_mellin.memory import estimate_peak_bytes, measure_peak_bytes
-        from cnn_mellin.optim.gpushare import shifted_frames
+        from cnn_mellin.training.augment import shifted_frames
         from cnn_mellin.training.precision import autocast_dtype
 
         training = config.group("training")
@@ -246,15 +245,13 @@ class AsrTask(Task):
         except TrainingDiverged as err:
             raise PruneTrial(f"diverged: {err}", kind="diverged") from None
         except TrainingInterrupted as stop:
-            context.record(STOPPED_AT_STEP, stop.step)
-            raise TrialInterrupted(str(stop)) from None
+            raise TrialInterrupted(str(stop), step=stop.step) from None
         peak = int(torch.cuda.max_memory_allocated(context.device)) if cuda else None
         return TaskResult(
             value=float(result.best_dev_error), epochs=int(result.epochs_run), peak_bytes=peak,
             resumed_from_epoch=result.resumed_from_epoch,
+            resumed_from_step=result.resumed_from_step,
             attrs={"best_epoch": result.best_epoch, "model_path": str(result.model_path),
                    "final_dev_error": float(result.final_dev_error),
-                   "skipped_steps": result.skipped_steps_total,
-                   **({RESUMED_FROM_STEP: result.resumed_from_step}
-                      if result.resumed_from_step is not None else {})},
+                   "skipped_steps": result.skipped_steps_total},
         )

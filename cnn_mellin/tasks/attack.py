@@ -59,7 +59,7 @@ class AttackTask(Task):
     def prepare(cls, options: Mapping[str, Any], config: Config) -> dict:
         from cnn_mellin.attack import select_utterances
         from cnn_mellin.data.store import read_info
-        from cnn_mellin.decoding import MODEL_FILE, load_model_file
+        from cnn_mellin.modelfile import MODEL_FILE, load_model_file
 
         if options.get("data_dir") is None:
             raise ConfigError("--task attack needs DATA_DIR (the utterances to attack)")
@@ -104,8 +104,8 @@ class AttackTask(Task):
         """Estimated: a training step of batch 1 on the longest utterance, twice over (the
         finite differences keep copies of the parameters and gradients), three times with
         ``attack.hvp = exact`` (the gradient's graph is kept and differentiated again)."""
-        from cnn_mellin.decoding import load_model_file
         from cnn_mellin.memory import estimate_peak_bytes
+        from cnn_mellin.modelfile import load_model_file
 
         victim = load_model_file(self.info["victim"])
         step = estimate_peak_bytes(
@@ -117,7 +117,7 @@ class AttackTask(Task):
 
     def run(self, config: Config, context: TrialContext) -> TaskResult:
         from cnn_mellin.attack import AttackDiverged, attack_one
-        from cnn_mellin.decoding import load_model_file
+        from cnn_mellin.modelfile import load_model_file
 
         victim = load_model_file(self.info["victim"], device="cpu")
         attack, defence = config.group("attack"), config.group("defence")

@@ -42,7 +42,13 @@ class TrialInterrupted(Exception):
 
     The task has saved what a retry needs to go on from where it stopped (``asr``: a
     checkpoint of the optimiser step it was at); the worker hands the trial back at once.
+    ``step``: the optimiser step that checkpoint holds, if the task counts steps (the study
+    records it).
     """
+
+    def __init__(self, reason: str, step: int | None = None):
+        super().__init__(reason)
+        self.step = step
 
 
 class MemoryExceeded(PruneTrial):
@@ -60,13 +66,18 @@ class MemoryExceeded(PruneTrial):
 
 @dataclass
 class TaskResult:
-    """What a finished trial reports: its value and a few facts the study records."""
+    """What a finished trial reports: its value and a few facts the study records.
+
+    ``resumed_from_epoch`` / ``resumed_from_step``: where a retry found its checkpoint (None:
+    it started afresh, or the task does not count steps); ``attrs``: the task's own facts.
+    """
 
     value: float
     epochs: int
     peak_bytes: int | None = None
     peak_method: str = "measured during training"
     resumed_from_epoch: int | None = None
+    resumed_from_step: int | None = None
     attrs: dict[str, Any] = field(default_factory=dict)
 
 

@@ -10,6 +10,7 @@ so a seed gives the same augmentation on any device.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping
 from typing import Any
 
@@ -36,6 +37,12 @@ def random_shift(feats, lens, proportion: float, gen):
     valid = (t[None, :] < new_lens[:, None]).to(feats.device)
     out = out * valid[:, :, None]
     return out, new_lens.to(lens.device)
+
+
+def shifted_frames(frames: int, proportion: float) -> int:
+    """The longest an utterance of ``frames`` frames gets under :func:`random_shift` with
+    ``proportion`` (up to ``floor(proportion * frames)`` frames on each side)."""
+    return int(frames) + 2 * math.floor(int(frames) * max(0.0, float(proportion)))
 
 
 def _warp_positions(size: torch.Tensor, length: int, max_warp: int, gen):

@@ -17,8 +17,8 @@ import numpy as np
 import torch
 
 from cnn_mellin.config import Config, parse_ini
-from cnn_mellin.decoding import load_checkpoint_file, save_atomic
 from cnn_mellin.errors import UserError
+from cnn_mellin.modelfile import load_checkpoint_file, save_atomic
 
 RESUME_FILE = "last.pt"
 _FORMAT = "cnn-mellin-resume-1"

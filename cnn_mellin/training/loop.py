@@ -23,8 +23,11 @@ from pathlib import Path
 import torch
 
 from cnn_mellin.config import Config
-from cnn_mellin.decoding import BLANK, MODEL_FILE, decode_batches, error_counts, write_model_file
+from cnn_mellin.data.phones import BLANK
+from cnn_mellin.decoding import decode_batches
 from cnn_mellin.errors import DataConfigError, DataError, UserError
+from cnn_mellin.modelfile import MODEL_FILE, write_model_file
+from cnn_mellin.scoring import error_counts
 from cnn_mellin.training.augment import Augmenter
 from cnn_mellin.training.checkpoint import load_resume, rng_states, save_resume, set_rng_states
 from cnn_mellin.training.metrics import peak_memory_bytes, write_metrics

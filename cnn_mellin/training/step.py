@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 
 from cnn_mellin.data.loader import is_loader_failure
-from cnn_mellin.decoding import BLANK
+from cnn_mellin.data.phones import BLANK
 from cnn_mellin.training.checkpoint import rng_states
 from cnn_mellin.training.precision import autocast_dtype, needs_loss_scaling
 

@@ -18,6 +18,7 @@ import plotly.io as pio
 from optuna.trial import FrozenTrial
 
 from cnn_mellin import __version__
+from cnn_mellin.optim.attrs import EPOCHS
 from cnn_mellin.optim.report import figures
 from cnn_mellin.optim.report.story import StudyStory, ended
 from cnn_mellin.units import format_bytes, format_duration
@@ -136,7 +137,7 @@ def _best(story: StudyStory) -> str:
     took = format_duration(_trial_seconds(best), unknown="–")
     facts = (f"Trial {best.number}: value <b>{escape(_fmt(best.value))}</b>, "
              f"{escape(took)} on {escape(worker)}")
-    epochs = best.user_attrs.get("epochs")
+    epochs = best.user_attrs.get(EPOCHS)
     if epochs is not None:
         facts += f", {escape(str(epochs))} epochs"
     rows = [[f"<code>{escape(k)}</code>", escape(_fmt(v))] for k, v in sorted(best.params.items())]

@@ -13,18 +13,13 @@ from optuna.trial import FrozenTrial, TrialState
 
 from cnn_mellin.errors import UserError
 from cnn_mellin.optim import budget
+from cnn_mellin.optim.attrs import LINEAGE
 from cnn_mellin.optim.importance import rank
 from cnn_mellin.optim.report import figures
 from cnn_mellin.optim.status import draw_counts, worker_seconds
 from cnn_mellin.optim.study import StudySettings
 
 _log = logging.getLogger("cnn_mellin.optim")
-
-# Study user attribute written by a stage started from an earlier study: a dict with
-# "parent" (the earlier study's name), "kept" (the parameters carried on as searched, with
-# their importance in the parent: {name: importance}, or a list of names or [name, value]
-# pairs) and "carried" (the configuration the stage starts from: {name: value} or .ini text).
-LINEAGE = "lineage"
 
 
 @dataclass
