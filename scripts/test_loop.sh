@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Run a pytest selection N times under CPU pressure and count the runs that failed:
 #   scripts/test_loop.sh N PYTEST_ARGS...
-#   e.g. scripts/test_loop.sh 20 tests/test_optim_worker.py -k "outage or killed"
+#   e.g. scripts/test_loop.sh 20 tests/optim/test_worker.py -k "outage or killed"
 # Pressure: the tests and every process they start run on CPU 0 only (taskset), which a busy
 # loop shares with them (also on CPU 0); the other CPUs stay free. Each run's output goes to
 # $LOOP_DIR/run-K.log (default: a new temporary folder); one line per run, then a total.

@@ -151,7 +151,7 @@ def proxy_channel(proxy: BaseStorage):
     return proxy._channel
 
 
-# -- light queries on Optuna's SQL schema (cnn_mellin/optim/storage.py's database) ---------
+# -- light queries on Optuna's SQL schema (the database of cnn_mellin/optim/storage/rdb.py) -
 
 
 def _trial_tables():

@@ -11,6 +11,7 @@ from __future__ import annotations
 import logging
 import math
 import os
+import select
 import sys
 import threading
 import time
@@ -167,6 +168,9 @@ def watch(study: optuna.Study, num_trials: int, interval: float, out: TextIO | N
         return 0
 
 
+DRAIN_S = 0.5  # how long the stderr relay waits for more once the workers are done
+
+
 class RunBar:
     """A tqdm bar over a study's budget at the bottom of the terminal on standard error.
 
@@ -193,6 +197,12 @@ class RunBar:
         self._num_trials = 0
 
     def __enter__(self) -> RunBar:
+        # multiprocessing's resource tracker, started by the first worker process, lives
+        # until this process exits; started now, it holds the terminal and not the pipe,
+        # whose end would otherwise never come (`run --workers 2` hung 30 s at its end)
+        from multiprocessing import resource_tracker
+
+        resource_tracker.ensure_running()
         fd = sys.stderr.fileno()
         self._stream = os.fdopen(os.dup(fd), "w", buffering=1, errors="replace")
         read_end, write_end = os.pipe()
@@ -209,8 +219,8 @@ class RunBar:
         self._stop.set()
         self._thread.join(timeout=30)
         sys.stderr.flush()
-        os.dup2(self._stream.fileno(), sys.stderr.fileno())  # closes the pipe's last writer
-        self._relay.join(timeout=30)
+        os.dup2(self._stream.fileno(), sys.stderr.fileno())  # closes this process's writer
+        self._relay.join(timeout=30)  # a process left holding the pipe: drained, not awaited
         if self._bar is not None:
             try:
                 self._update()
@@ -220,11 +230,29 @@ class RunBar:
         self._stream.close()
 
     def _forward(self, read_end: int) -> None:
+        """Print the pipe's lines above the bar until every writer has closed it, or, once
+        the workers are done, until it has been quiet for :data:`DRAIN_S` (a process that
+        outlives them, e.g. one a task's script left behind, may hold it open)."""
         from tqdm import tqdm
 
-        with os.fdopen(read_end, "r", errors="replace") as lines:
-            for line in lines:
-                tqdm.write(line.rstrip("\n"), file=self._stream)
+        pending = b""
+        try:
+            while True:
+                ready, _, _ = select.select([read_end], [], [], DRAIN_S)
+                if not ready:
+                    if self._stop.is_set():
+                        break
+                    continue
+                data = os.read(read_end, 65536)
+                if not data:
+                    break
+                *lines, pending = (pending + data).split(b"\n")
+                for line in lines:
+                    tqdm.write(line.decode(errors="replace"), file=self._stream)
+            if pending:
+                tqdm.write(pending.decode(errors="replace"), file=self._stream)
+        finally:
+            os.close(read_end)
 
     def _open(self) -> None:
         from tqdm import tqdm

@@ -48,11 +48,11 @@ from cnn_mellin.optim import internals
 from cnn_mellin.optim.defaults import PROXY_PORT, PROXY_THREADS
 from cnn_mellin.optim.storage import (
     StorageError,
-    _short_reason,
     connection_loss,
     ensure_database,
     open_storage,
     parse_url,
+    short_reason,
 )
 
 _log = logging.getLogger("cnn_mellin.optim")
@@ -103,7 +103,7 @@ class _DatabaseLost(grpc.ServerInterceptor):
                 if lost is None:
                     raise
                 context.abort(grpc.StatusCode.UNAVAILABLE,
-                              f"the proxy lost its database: {_short_reason(lost)}")
+                              f"the proxy lost its database: {short_reason(lost)}")
 
         return grpc.unary_unary_rpc_method_handler(
             behaviour, request_deserializer=handler.request_deserializer,

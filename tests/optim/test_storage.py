@@ -19,8 +19,8 @@ from cnn_mellin.optim.storage import (
     outage_recoveries,
     parse_url,
 )
+from tests.optim.tcp_proxy import CuttableProxy
 from tests.optim_helpers import my_kill, pg_tables, pg_terminate
-from tests.tcp_proxy import CuttableProxy
 
 pytest_plugins = ("tests.optim_fixtures",)  # the database fixtures
 pytestmark = pytest.mark.db

@@ -112,9 +112,13 @@ def _visible(line: str) -> str:
 @pytest.mark.parametrize("workers", [1, 2])
 def test_run_on_a_terminal_shows_a_bar_over_the_budget(tmp_path, workers):
     url = _study(tmp_path)
+    started = time.monotonic()
     code, shown = _on_terminal(
         _cli("--device", "cpu", "optim", url, "run", "--workers", workers), FAKE_EPOCH_S=0.3)
     assert code == 0, shown
+    # 6 trials of 0.6 s take about 3 s; with 2 workers the run hung 30 s at its end, the bar
+    # waiting for the end of a pipe that multiprocessing's resource tracker held open
+    assert time.monotonic() - started < 20
     assert "p:   0%|" in shown  # drawn before the first trial finished
     assert "p: 100%|" in shown and "6/6, 0 running, 0 failed, best" in shown
     assert "budget done" in shown.rsplit("p: 100%", 1)[1]

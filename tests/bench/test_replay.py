@@ -6,12 +6,11 @@ import importlib.util
 import json
 import math
 import sys
-from pathlib import Path
 
 import pytest
 from optuna.distributions import CategoricalDistribution, FloatDistribution
 
-ROOT = Path(__file__).resolve().parent.parent
+from tests.conftest import ROOT
 
 
 def _load_replay():

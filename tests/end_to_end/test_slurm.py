@@ -9,8 +9,8 @@ import time
 import pytest
 from optuna.trial import TrialState
 
+from tests.end_to_end.slurm_helpers import job_records, queued, sbatch, slurm_env, wait_gone
 from tests.optim_helpers import fake_study, load, start_worker, states, wait_all
-from tests.slurm_helpers import job_records, queued, sbatch, slurm_env, wait_gone
 
 pytest_plugins = ("tests.optim_fixtures",)  # the database fixtures
 pytestmark = [pytest.mark.db, pytest.mark.slurm, pytest.mark.slow]

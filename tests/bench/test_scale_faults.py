@@ -5,16 +5,16 @@ from __future__ import annotations
 
 import importlib.util
 import shutil
-from pathlib import Path
 
 import pytest
 
+from tests.conftest import ROOT
 from tests.optim_helpers import _pg_admin
 
 pytestmark = [pytest.mark.slow, pytest.mark.db]
 
 _spec = importlib.util.spec_from_file_location(
-    "scale_faults", Path(__file__).resolve().parent.parent / "bench" / "scale_faults.py")
+    "scale_faults", ROOT / "bench" / "scale_faults.py")
 scale_faults = importlib.util.module_from_spec(_spec)
 _spec.loader.exec_module(scale_faults)
 

@@ -11,8 +11,8 @@ import pytest
 
 from cnn_mellin.config import read_ini
 from cnn_mellin.optim.study import read_settings
+from tests.end_to_end.slurm_helpers import slurm_env, wait_gone
 from tests.optim_helpers import ROOT, _my_admin, load, states
-from tests.slurm_helpers import slurm_env, wait_gone
 from tests.training_fixtures import write_store
 
 pytestmark = [pytest.mark.db, pytest.mark.slurm, pytest.mark.slow]

@@ -21,6 +21,7 @@ from cnn_mellin.optim.heartbeat import Monitor, StaleWatch, WorkerIdentity
 from cnn_mellin.optim.launch import run_worker
 from cnn_mellin.optim.status import study_status
 from cnn_mellin.optim.study import checkpoint_root, read_settings
+from tests.optim.tcp_proxy import CuttableProxy
 from tests.optim_helpers import (
     fake_study,
     load,
@@ -28,7 +29,6 @@ from tests.optim_helpers import (
     states,
     wait_all,
 )
-from tests.tcp_proxy import CuttableProxy
 
 pytest_plugins = ("tests.optim_fixtures",)  # the database fixtures
 pytestmark = pytest.mark.db
