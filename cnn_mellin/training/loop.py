@@ -32,7 +32,7 @@ from cnn_mellin.training.augment import Augmenter
 from cnn_mellin.training.checkpoint import load_resume, rng_states, save_resume, set_rng_states
 from cnn_mellin.training.metrics import peak_memory_bytes, write_metrics
 from cnn_mellin.training.schedule import LRSchedule, optimizer_from_params
-from cnn_mellin.training.step import EpochInterrupted, Stepper, TrainingDiverged
+from cnn_mellin.training.step import EpochInterrupted, EpochStats, Stepper, TrainingDiverged
 
 __all__ = ["TrainResult", "TrainingDiverged", "TrainingInterrupted", "train"]
 
@@ -181,207 +181,303 @@ def train(
     stops training the same way, at the last optimiser step, instead of failing it. Loader
     workers are shut down before this returns or raises.
     """
-    from cnn_mellin.data.loader import close_loader, is_loader_failure, make_loader
-    from cnn_mellin.model import AcousticModel, check_model_config
-
     if model_dir is None:
         raise UserError("train needs a model directory (--model-dir)")
     if num_workers < 0:
         raise UserError(f"number of data workers must be >= 0, got {num_workers}")
-    model_dir = Path(model_dir)
-    dev = _resolve_device(device)
-    tp = config.group("training")
-    seed = tp["seed"]
-
-    train_ds, dev_ds = _datasets(train_dir, dev_dir, train_utts, dev_utts)
-    info = train_ds.info
-    check_model_config(config.group("model"), info.num_coeffs)
-    torch.manual_seed(seed)
-    model = AcousticModel(
-        config.group("model"), info.num_coeffs, num_classes=BLANK + 1, mean=info.mean,
-        std=info.std,
+    run = _Run(
+        config, Path(model_dir), _resolve_device(device), train_dir, dev_dir,
+        train_utts=train_utts, dev_utts=dev_utts, num_workers=num_workers, progress=progress,
+        stop_requested=stop_requested,
     )
-    train_ds, impossible = _drop_impossible(model, train_ds, train_dir)
-    model.to(dev)
-
-    subset = config["data.subset"]
-    loader = make_loader(
-        train_ds, config["data.batch_size"], num_workers=num_workers, shuffle=True, seed=seed,
-        num_buckets=config["data.num_buckets"], subset=subset if subset < 1.0 else None,
-    )
-    dev_loader = None
-    if dev_ds is not None:
-        dev_loader = make_loader(
-            dev_ds, config["data.eval_batch_size"], num_workers=num_workers, shuffle=False,
-            num_buckets=config["data.num_buckets"],
-        )
-    steps_per_epoch = math.ceil(len(loader) / tp["grad_accumulation"])
-    optimizer = optimizer_from_params(model.parameters(), tp)
-    schedule = LRSchedule(tp, steps_per_epoch)
-    config_ini = config.to_ini(comments=False)
-    signature = {
-        "config": config_ini,
-        "train_utts": list(train_ds.utt_ids),
-        "dev_utts": list(dev_ds.utt_ids) if dev_ds is not None else [],
-        "data": [str(info.feature), int(info.num_coeffs)],
-    }
-
-    model_dir.mkdir(parents=True, exist_ok=True)
-    state = load_resume(model_dir, signature)
-    history: list[dict] = []
-    best = {"error": math.inf, "epoch": 0}
-    early = {"best": math.inf, "bad": 0}
-    skipped_total, stopped, epoch = 0, False, 0
-    if state is not None:
-        model.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
-        schedule.load_state_dict(state["schedule"])
-        set_rng_states(state["rng"])
-        history = list(state["history"])
-        best, early = dict(state["best"]), dict(state["early"])
-        skipped_total, stopped = int(state["skipped_total"]), bool(state["stopped"])
-        impossible = list(state["impossible"])
-        epoch = int(state["epoch"])
-        mid = state.get("mid_epoch")
-        if mid is not None:
-            log.info("resuming %s in epoch %d after batch %d (step %d)", model_dir,
-                     mid["epoch"], mid["batches"], schedule.steps)
-        else:
-            log.info("resuming %s after epoch %d", model_dir, epoch)
-    stepper = Stepper(model, optimizer, schedule, tp, dev, Augmenter(tp, info.mean, info.std),
-                      impossible)
-    mid = None
-    if state is not None:
-        stepper.scaler.load_state_dict(state["scaler"])
-        mid = state.get("mid_epoch")
-    resumed_from = epoch if state is not None else None
-    resumed_step = schedule.steps if state is not None else None
-    write_metrics(model_dir, history)  # drops lines of epochs the checkpoint does not hold
-
+    run.resume()
     if epoch_callback is not None:
-        for past in history:
+        for past in run.history:
             epoch_callback(past["epoch"], past["train_loss"], past["dev_error"])
+    try:
+        while run.epoch < run.num_epochs and not run.stopped:
+            if stop_requested is not None and stop_requested():
+                # last.pt is this epoch's
+                raise TrainingInterrupted(run.epoch + 1, 0, run.schedule.steps)
+            stats = run.train_epoch()
+            dev_error = run.score()
+            run.record_epoch(stats, dev_error)
+            run.checkpoint(run.epoch)
+            write_metrics(run.model_dir, run.history)
+            run.log_epoch(stats, dev_error)
+            if epoch_callback is not None:
+                epoch_callback(run.epoch, stats.train_loss, dev_error)
+            if run.stopped:
+                log.info("early stopping after epoch %d (best epoch %d)", run.epoch,
+                         run.best["epoch"])
+    finally:  # not left to the collector: a traceback may hold the loaders for long
+        run.close_loaders()
+    run.ensure_model_file()
+    return run.result()
 
-    gen = torch.Generator()
-    num_epochs = tp["num_epochs"]
-    def checkpoint(done_epochs: int, mid_epoch: dict | None = None, rng=None) -> None:
-        save_resume(model_dir, {
-            "signature": signature, "epoch": done_epochs, "model": model.state_dict(),
-            "optimizer": optimizer.state_dict(), "schedule": schedule.state_dict(),
-            "scaler": stepper.scaler.state_dict(),
-            "rng": rng if rng is not None else rng_states(), "history": history,
-            "best": best, "early": early, "skipped_total": skipped_total, "stopped": stopped,
-            "impossible": stepper.impossible,
+
+class _Run:
+    """One call of :func:`train`: what it set up and how far training has got.
+
+    ``epoch`` counts the epochs done (while one runs, it is that epoch's number).
+    ``history``, ``best``, ``early``, ``skipped_total`` and ``stopped`` are the progress
+    that ``last.pt`` keeps; ``mid`` is the position inside an epoch that a checkpoint
+    written during it resumes at (``mid_rng``: the RNG states there).
+    """
+
+    def __init__(
+        self, config: Config, model_dir: Path, dev: torch.device, train_dir, dev_dir, *,
+        train_utts, dev_utts, num_workers: int, progress: bool,
+        stop_requested: Callable[[], bool] | None,
+    ) -> None:
+        """Set up the datasets, model, loaders, optimiser, schedule and signature."""
+        from cnn_mellin.model import AcousticModel, check_model_config
+
+        self.config, self.model_dir, self.dev = config, model_dir, dev
+        self.progress, self.stop_requested = progress, stop_requested
+        self.tp = config.group("training")
+        self.seed = self.tp["seed"]
+        train_ds, dev_ds = _datasets(train_dir, dev_dir, train_utts, dev_utts)
+        self.info = info = train_ds.info
+        check_model_config(config.group("model"), info.num_coeffs)
+        torch.manual_seed(self.seed)
+        self.model = AcousticModel(
+            config.group("model"), info.num_coeffs, num_classes=BLANK + 1, mean=info.mean,
+            std=info.std,
+        )
+        # utterances CTC cannot align, for the stepper (which keeps them from then on)
+        train_ds, self.impossible = _drop_impossible(self.model, train_ds, train_dir)
+        self.model.to(dev)
+        self.loader, self.dev_loader = self._loaders(train_ds, dev_ds, num_workers)
+        steps_per_epoch = math.ceil(len(self.loader) / self.tp["grad_accumulation"])
+        self.optimizer = optimizer_from_params(self.model.parameters(), self.tp)
+        self.schedule = LRSchedule(self.tp, steps_per_epoch)
+        self.config_ini = config.to_ini(comments=False)
+        self.signature = {
+            "config": self.config_ini,
+            "train_utts": list(train_ds.utt_ids),
+            "dev_utts": list(dev_ds.utt_ids) if dev_ds is not None else [],
+            "data": [str(info.feature), int(info.num_coeffs)],
+        }
+        self.num_epochs = self.tp["num_epochs"]
+        self.gen = torch.Generator()  # augmentation's, seeded for each epoch
+        self.stepper: Stepper  # built by resume()
+        # a fresh run's progress, until resume() finds a checkpoint
+        self.history: list[dict] = []
+        self.best = {"error": math.inf, "epoch": 0}
+        self.early = {"best": math.inf, "bad": 0}
+        self.skipped_total, self.stopped, self.epoch = 0, False, 0
+        self.mid: dict | None = None
+        self.mid_rng: dict | None = None
+        self.resumed_from: int | None = None
+        self.resumed_step: int | None = None
+        self.began = self.cpu_began = 0.0  # wall and CPU clock at the epoch's start
+
+    def _loaders(self, train_ds, dev_ds, num_workers: int):
+        """The bucketed, shuffled training loader (over ``data.subset`` of it) and the dev
+        loader (None without dev data)."""
+        from cnn_mellin.data.loader import make_loader
+
+        config = self.config
+        subset = config["data.subset"]
+        loader = make_loader(
+            train_ds, config["data.batch_size"], num_workers=num_workers, shuffle=True,
+            seed=self.seed, num_buckets=config["data.num_buckets"],
+            subset=subset if subset < 1.0 else None,
+        )
+        dev_loader = None
+        if dev_ds is not None:
+            dev_loader = make_loader(
+                dev_ds, config["data.eval_batch_size"], num_workers=num_workers, shuffle=False,
+                num_buckets=config["data.num_buckets"],
+            )
+        return loader, dev_loader
+
+    def resume(self) -> None:
+        """Create ``model_dir`` and go on from its ``last.pt``, if there is one.
+
+        Restores the weights, optimiser, schedule, RNG states and progress, builds the
+        stepper (with the checkpoint's loss scaler), keeps a mid-epoch position for
+        :meth:`train_epoch` and cuts ``metrics.jsonl`` to the epochs restored.
+        """
+        self.model_dir.mkdir(parents=True, exist_ok=True)
+        state = load_resume(self.model_dir, self.signature)
+        if state is not None:
+            self.model.load_state_dict(state["model"])
+            self.optimizer.load_state_dict(state["optimizer"])
+            self.schedule.load_state_dict(state["schedule"])
+            set_rng_states(state["rng"])
+            self.history = list(state["history"])
+            self.best, self.early = dict(state["best"]), dict(state["early"])
+            self.skipped_total = int(state["skipped_total"])
+            self.stopped = bool(state["stopped"])
+            self.impossible = list(state["impossible"])
+            self.epoch = int(state["epoch"])
+            mid = state.get("mid_epoch")
+            if mid is not None:
+                log.info("resuming %s in epoch %d after batch %d (step %d)", self.model_dir,
+                         mid["epoch"], mid["batches"], self.schedule.steps)
+            else:
+                log.info("resuming %s after epoch %d", self.model_dir, self.epoch)
+        self.stepper = Stepper(
+            self.model, self.optimizer, self.schedule, self.tp, self.dev,
+            Augmenter(self.tp, self.info.mean, self.info.std), self.impossible,
+        )
+        if state is not None:
+            self.stepper.scaler.load_state_dict(state["scaler"])
+            self.mid, self.mid_rng = state.get("mid_epoch"), state["rng"]
+            self.resumed_from, self.resumed_step = self.epoch, self.schedule.steps
+        write_metrics(self.model_dir, self.history)  # drops epochs the checkpoint lacks
+
+    def train_epoch(self) -> EpochStats:
+        """Train the next epoch (from where a checkpoint written during it left off).
+
+        Its RNGs are seeded from ``(training.seed, epoch)``. A stop requested during it is
+        checkpointed at the last optimiser step and raised as :class:`TrainingInterrupted`.
+        """
+        self.epoch += 1
+        epoch = self.epoch
+        self.began, self.cpu_began = time.perf_counter(), _cpu_seconds()
+        torch.manual_seed(_epoch_seed(self.seed, epoch))
+        self.gen.manual_seed(_epoch_seed(self.seed, epoch) + 1)
+        mid = self.mid if self.mid is not None and self.mid["epoch"] == epoch else None
+        self.mid = None
+        start = int(mid["batches"]) if mid else 0
+        self.loader.batch_sampler.set_epoch(epoch, start)
+        if mid:
+            self.began -= mid["seconds"]
+            self.cpu_began -= mid["cpu_seconds"]
+        try:
+            with _progress(len(self.loader), self.progress,
+                           f"epoch {epoch}/{self.num_epochs}") as bar:
+                stats = self.stepper.run_epoch(
+                    self.loader, epoch, self.gen, bar, start=start,
+                    partial=mid["partial"] if mid else None, stop=self.stop_requested,
+                    started=(lambda: self._restore(mid)) if mid else None,
+                )
+        except EpochInterrupted as cut:
+            raise self.interrupt_in_epoch(cut.batches, cut.partial, cut.gen, cut.rng) from None
+        return stats
+
+    def _restore(self, mid: dict) -> None:
+        """Put back the RNG states, generator and bad-step run of the mid-epoch checkpoint
+        (once the loader's iterator, which draws from the global RNG, exists)."""
+        set_rng_states(self.mid_rng)
+        self.gen.set_state(mid["gen"])
+        self.stepper.bad_run = int(mid["bad_run"])
+
+    def score(self) -> float:
+        """The dev error of the epoch just trained (NaN without dev data).
+
+        A data loader failure while a stop is requested stops training instead: every batch
+        is trained, so the checkpoint is at the epoch's end and a restart just scores it.
+        """
+        from cnn_mellin.data.loader import is_loader_failure
+
+        stop = self.stop_requested
+        try:
+            return _score(self.model, self.dev_loader, self.dev, self.stepper.autocast) \
+                if self.dev_loader else math.nan
+        except RuntimeError as err:
+            if stop is None or not is_loader_failure(err) or not stop():
+                raise
+            log.warning("stopping: a data loader worker ended meanwhile (%s)", err)
+            raise self.interrupt_in_epoch(len(self.loader), self.stepper.last_partial) from None
+
+    def record_epoch(self, stats: EpochStats, dev_error: float) -> None:
+        """Account for the epoch just trained and scored: the schedule, the history, the
+        best model (``model.pt``) and early stopping, all by the monitored value."""
+        monitor = dev_error if self.dev_loader else stats.train_loss
+        self.schedule.epoch_end(monitor)
+        self.skipped_total += stats.skipped_steps
+        self.history.append({
+            "epoch": self.epoch, "train_loss": stats.train_loss, "dev_error": dev_error,
+            "lr": stats.lr, "grad_norm_mean": stats.grad_norm_mean,
+            "grad_norm_max": stats.grad_norm_max, "skipped_steps": stats.skipped_steps,
+            "scaler_backoffs": stats.scaler_backoffs,
+            "seconds": time.perf_counter() - self.began,
+            "cpu_seconds": _cpu_seconds() - self.cpu_began,
+            "peak_memory_bytes": peak_memory_bytes(self.dev),
+        })
+        if math.isfinite(monitor) and monitor < self.best["error"]:
+            self.best = {"error": monitor, "epoch": self.epoch}
+            write_model_file(
+                self.model_dir / MODEL_FILE, self.model, self.config_ini, self.info,
+                extra={"epoch": self.epoch, "dev_error": dev_error,
+                       "train_loss": stats.train_loss},
+            )
+        self.stopped = _early_stop(self.tp, self.early, self.epoch, monitor)
+
+    def checkpoint(self, done_epochs: int, mid_epoch: dict | None = None, rng=None) -> None:
+        """Write ``last.pt`` after ``done_epochs`` epochs, and ``mid_epoch``'s position in the
+        next one if given; ``rng`` (default: the current states) are the RNG states."""
+        save_resume(self.model_dir, {
+            "signature": self.signature, "epoch": done_epochs,
+            "model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
+            "schedule": self.schedule.state_dict(), "scaler": self.stepper.scaler.state_dict(),
+            "rng": rng if rng is not None else rng_states(), "history": self.history,
+            "best": self.best, "early": self.early, "skipped_total": self.skipped_total,
+            "stopped": self.stopped, "impossible": self.stepper.impossible,
             **({"mid_epoch": mid_epoch} if mid_epoch is not None else {}),
         })
 
-    def stop_in_epoch(batches: int, partial: dict, began: float, cpu_began: float,
-                      gen_state=None, rng=None) -> TrainingInterrupted:
-        checkpoint(epoch - 1, {
-            "epoch": epoch, "batches": batches, "partial": partial,
-            "gen": gen_state if gen_state is not None else gen.get_state(),
-            "bad_run": stepper.bad_run, "seconds": time.perf_counter() - began,
-            "cpu_seconds": _cpu_seconds() - cpu_began,
+    def interrupt_in_epoch(self, batches: int, partial: dict, gen_state=None,
+                           rng=None) -> TrainingInterrupted:
+        """Checkpoint the epoch in progress after ``batches`` batches (running sums
+        ``partial``; generator and RNG states by default the current ones) and return the
+        :class:`TrainingInterrupted` to raise."""
+        self.checkpoint(self.epoch - 1, {
+            "epoch": self.epoch, "batches": batches, "partial": partial,
+            "gen": gen_state if gen_state is not None else self.gen.get_state(),
+            "bad_run": self.stepper.bad_run, "seconds": time.perf_counter() - self.began,
+            "cpu_seconds": _cpu_seconds() - self.cpu_began,
         }, rng=rng)
         log.info("stopped in epoch %d after batch %d (step %d); %s resumes there",
-                 epoch, batches, schedule.steps, model_dir / "last.pt")
-        return TrainingInterrupted(epoch, batches, schedule.steps)
+                 self.epoch, batches, self.schedule.steps, self.model_dir / "last.pt")
+        return TrainingInterrupted(self.epoch, batches, self.schedule.steps)
 
-    try:
-        while epoch < num_epochs and not stopped:
-            if stop_requested is not None and stop_requested():
-                raise TrainingInterrupted(epoch + 1, 0, schedule.steps)  # last.pt is this epoch's
-            epoch += 1
-            began, cpu_began = time.perf_counter(), _cpu_seconds()
-            torch.manual_seed(_epoch_seed(seed, epoch))
-            gen.manual_seed(_epoch_seed(seed, epoch) + 1)
-            resume = mid if mid is not None and mid["epoch"] == epoch else None
-            mid = None
-            start = int(resume["batches"]) if resume else 0
-            loader.batch_sampler.set_epoch(epoch, start)
+    def log_epoch(self, stats: EpochStats, dev_error: float) -> None:
+        """Log the epoch just recorded in one line."""
+        log.info(
+            "epoch %d/%d: train loss %.4f, dev PER %.4f, lr %.3g, %d skipped steps, %.1f s "
+            "(%.1f CPU s)%s",
+            self.epoch, self.num_epochs, stats.train_loss, dev_error, stats.lr,
+            stats.skipped_steps, self.history[-1]["seconds"], self.history[-1]["cpu_seconds"],
+            " (best so far)" if self.best["epoch"] == self.epoch else "",
+        )
 
-            def restore(resume=resume):
-                set_rng_states(state["rng"])
-                gen.set_state(resume["gen"])
-                stepper.bad_run = int(resume["bad_run"])
+    def close_loaders(self) -> None:
+        """Shut the loaders' worker processes down."""
+        from cnn_mellin.data.loader import close_loader
 
-            if resume:
-                began -= resume["seconds"]
-                cpu_began -= resume["cpu_seconds"]
-            try:
-                with _progress(len(loader), progress, f"epoch {epoch}/{num_epochs}") as bar:
-                    stats = stepper.run_epoch(
-                        loader, epoch, gen, bar, start=start,
-                        partial=resume["partial"] if resume else None, stop=stop_requested,
-                        started=restore if resume else None,
-                    )
-            except EpochInterrupted as cut:
-                raise stop_in_epoch(cut.batches, cut.partial, began, cpu_began, cut.gen,
-                                    cut.rng) from None
-            try:
-                dev_error = _score(model, dev_loader, dev, stepper.autocast) if dev_loader \
-                    else math.nan
-            except RuntimeError as err:  # every batch trained: resume by scoring the epoch
-                if stop_requested is None or not is_loader_failure(err) or \
-                        not stop_requested():
-                    raise
-                log.warning("stopping: a data loader worker ended meanwhile (%s)", err)
-                raise stop_in_epoch(len(loader), stepper.last_partial, began,
-                                    cpu_began) from None
-            monitor = dev_error if dev_loader else stats.train_loss
-            schedule.epoch_end(monitor)
-            skipped_total += stats.skipped_steps
-            history.append({
-                "epoch": epoch, "train_loss": stats.train_loss, "dev_error": dev_error,
-                "lr": stats.lr, "grad_norm_mean": stats.grad_norm_mean,
-                "grad_norm_max": stats.grad_norm_max, "skipped_steps": stats.skipped_steps,
-                "scaler_backoffs": stats.scaler_backoffs,
-                "seconds": time.perf_counter() - began, "cpu_seconds": _cpu_seconds() - cpu_began,
-                "peak_memory_bytes": peak_memory_bytes(dev),
-            })
-            if math.isfinite(monitor) and monitor < best["error"]:
-                best = {"error": monitor, "epoch": epoch}
-                write_model_file(
-                    model_dir / MODEL_FILE, model, config_ini, info,
-                    extra={"epoch": epoch, "dev_error": dev_error, "train_loss": stats.train_loss},
-                )
-            stopped = _early_stop(tp, early, epoch, monitor)
-            checkpoint(epoch)
-            write_metrics(model_dir, history)
-            log.info(
-                "epoch %d/%d: train loss %.4f, dev PER %.4f, lr %.3g, %d skipped steps, %.1f s "
-                "(%.1f CPU s)%s",
-                epoch, num_epochs, stats.train_loss, dev_error, stats.lr, stats.skipped_steps,
-                history[-1]["seconds"], history[-1]["cpu_seconds"],
-                " (best so far)" if best["epoch"] == epoch else "",
-            )
-            if epoch_callback is not None:
-                epoch_callback(epoch, stats.train_loss, dev_error)
-            if stopped:
-                log.info("early stopping after epoch %d (best epoch %d)", epoch, best["epoch"])
-    finally:  # not left to the collector: a traceback may hold the loaders for long
-        close_loader(loader)
-        close_loader(dev_loader)
+        close_loader(self.loader)
+        close_loader(self.dev_loader)
 
-    if not (model_dir / MODEL_FILE).exists():
-        # no epoch gave a finite monitored value: keep the last weights so decode still works
-        write_model_file(model_dir / MODEL_FILE, model, config_ini, info, extra={"epoch": epoch})
-    best_dev = math.nan
-    if best["epoch"] and dev_loader is not None:
-        best_dev = history[best["epoch"] - 1]["dev_error"]
-    return TrainResult(
-        best_dev_error=best_dev,
-        final_dev_error=history[-1]["dev_error"] if history else math.nan,
-        best_epoch=best["epoch"],
-        epochs_run=len(history),
-        history=history,
-        skipped_steps_total=skipped_total,
-        resumed_from_epoch=resumed_from,
-        resumed_from_step=resumed_step,
-        model_path=model_dir / MODEL_FILE,
-        impossible_utts=list(stepper.impossible),
-        stopped_early=stopped,
-    )
+    def ensure_model_file(self) -> None:
+        """Write ``model.pt`` from the last weights if no epoch gave a finite monitored
+        value, so that decoding still works."""
+        if not (self.model_dir / MODEL_FILE).exists():
+            write_model_file(self.model_dir / MODEL_FILE, self.model, self.config_ini,
+                             self.info, extra={"epoch": self.epoch})
+
+    def result(self) -> TrainResult:
+        """What the run achieved."""
+        best_dev = math.nan
+        if self.best["epoch"] and self.dev_loader is not None:
+            best_dev = self.history[self.best["epoch"] - 1]["dev_error"]
+        return TrainResult(
+            best_dev_error=best_dev,
+            final_dev_error=self.history[-1]["dev_error"] if self.history else math.nan,
+            best_epoch=self.best["epoch"],
+            epochs_run=len(self.history),
+            history=self.history,
+            skipped_steps_total=self.skipped_total,
+            resumed_from_epoch=self.resumed_from,
+            resumed_from_step=self.resumed_step,
+            model_path=self.model_dir / MODEL_FILE,
+            impossible_utts=list(self.stepper.impossible),
+            stopped_early=self.stopped,
+        )
 
 
 def _early_stop(tp, early: dict, epoch: int, value: float) -> bool:
