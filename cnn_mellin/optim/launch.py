@@ -101,7 +101,7 @@ def _child(db_url, study_name, device, sampler, seed, max_trials, max_outage_s, 
             max_trials=max_trials, max_outage_s=max_outage_s, pool=pool, **folders,
         )
     except UserError as err:
-        logging.getLogger("cnn_mellin.optim").error("%s", err)
+        _log.error("%s", err)
         raise SystemExit(err.exit_code) from None
     raise SystemExit(summary.exit_code)
 

@@ -231,7 +231,7 @@ class _Run:
         stop_requested: Callable[[], bool] | None,
     ) -> None:
         """Set up the datasets, model, loaders, optimiser, schedule and signature."""
-        from cnn_mellin.model import AcousticModel, check_model_config
+        from cnn_mellin.model import AcousticModel
 
         self.config, self.model_dir, self.dev = config, model_dir, dev
         self.progress, self.stop_requested = progress, stop_requested
@@ -239,8 +239,7 @@ class _Run:
         self.seed = self.tp["seed"]
         train_ds, dev_ds = _datasets(train_dir, dev_dir, train_utts, dev_utts)
         self.info = info = train_ds.info
-        check_model_config(config.group("model"), info.num_coeffs)
-        torch.manual_seed(self.seed)
+        torch.manual_seed(self.seed)  # AcousticModel checks the configuration
         self.model = AcousticModel(
             config.group("model"), info.num_coeffs, num_classes=BLANK + 1, mean=info.mean,
             std=info.std,
