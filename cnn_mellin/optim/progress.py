@@ -189,6 +189,7 @@ class RunBar:
         self._study_name = study_name
         self._interval = interval
         self._stop = threading.Event()
+        self._restored = threading.Event()  # standard error is the terminal again
         self._thread = threading.Thread(target=self._loop, name="progress-bar", daemon=True)
         self._relay: threading.Thread | None = None
         self._stream: TextIO | None = None  # the terminal, once fd 2 is the pipe
@@ -220,6 +221,7 @@ class RunBar:
         self._thread.join(timeout=30)
         sys.stderr.flush()
         os.dup2(self._stream.fileno(), sys.stderr.fileno())  # closes this process's writer
+        self._restored.set()
         self._relay.join(timeout=30)  # a process left holding the pipe: drained, not awaited
         if self._bar is not None:
             try:
@@ -240,7 +242,7 @@ class RunBar:
             while True:
                 ready, _, _ = select.select([read_end], [], [], DRAIN_S)
                 if not ready:
-                    if self._stop.is_set():
+                    if self._restored.is_set():  # before, this process may still write
                         break
                     continue
                 data = os.read(read_end, 65536)
